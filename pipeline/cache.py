@@ -1,0 +1,445 @@
+"""Stage one, `pipeline cache-teacher`: run the frozen 4-bit teacher once and store its top-k log-probs.
+
+Layout of a cache directory (DESIGN.md section 4)::
+
+    CACHE/
+      manifest.json          written last, atomically
+      shard-00000.parquet    one (role, split) per shard, rows sorted by length; tmp name, then renamed
+
+The shard plan is a pure function of the tokenised inputs and the settings, so a rerun recomputes the
+same plan, keeps every shard that is already complete (its embedded settings and example ids match, and
+it reads back whole), and computes the rest: the result equals an uninterrupted run. Every shard embeds
+the full settings in its Parquet metadata, so a rerun with other settings is refused, naming the field,
+even before the manifest exists.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import __version__
+from pipeline.config import CacheConfig
+from pipeline.data import ROLES, SPLITS, Tokenized, collate, length_batches, padding_waste, read_jsonl, tokenize_example
+from pipeline.errors import PipelineError
+from pipeline.faults import crash_point
+from pipeline.fileio import TMP_MARK, atomic_path, atomic_write_json, read_json, remove_tmp_files, sha256_file
+from pipeline.losses import topk_logprobs
+from pipeline.models import (
+    forward_hidden,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    output_head,
+    quantization_settings,
+    resolve_device,
+    resolve_model,
+    resolve_precision,
+    response_positions,
+    tokenizer_fingerprint,
+)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_META_KEY = b"pipeline"
+ROW_GROUP_SIZE = 128  # rows per Parquet row group: the unit the reader decodes at a time
+# Settings that decide the content of a cache; a rerun or a reader must agree on all of them.
+SETTINGS_KEYS = ("format_version", "teacher", "quantization", "precision", "tokenizer", "max_length", "top_k",
+                 "temperature", "inputs", "storage", "shard_size", "batch_size", "skip_bad_lines")
+
+
+def _flatten(d: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(d, dict):
+        out: dict[str, object] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(d, list):
+        out = {}
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix[:-1]}[{i}]."))
+        if not d:
+            out[prefix[:-1]] = []
+        return out
+    return {prefix[:-1]: d}
+
+
+def _informational(key: str) -> bool:
+    """Recorded for people, not compared: where the model and the inputs were (content is compared by hash)."""
+    return key == "teacher.model" or key.endswith(".path")
+
+
+def settings_differences(have: dict, want: dict, keys: Sequence[str] = SETTINGS_KEYS) -> list[str]:
+    """'field: cache has X, asked for Y' for every setting that differs (dotted paths into nested values)."""
+    a = _flatten({k: have.get(k) for k in keys})
+    b = _flatten({k: want.get(k) for k in keys})
+    return [f"{k}: cache has {a.get(k)!r}, asked for {b.get(k)!r}" for k in sorted(set(a) | set(b), key=str)
+            if a.get(k) != b.get(k) and not _informational(k)]
+
+
+def describe_differences(diffs: list[str], limit: int = 3) -> str:
+    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    role: str
+    split: str
+    rows: list[int]  # indices into the tokenised examples, in storage order (sorted by length)
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}.parquet"
+
+
+def plan_shards(examples: Sequence[Tokenized], shard_size: int) -> list[ShardPlan]:
+    """Deterministic shard plan: one (role, split) per shard, examples sorted by length within each."""
+    plans: list[ShardPlan] = []
+    for role in ROLES:
+        for split in SPLITS:
+            idx = [i for i, e in enumerate(examples) if e.role == role and e.split == split]
+            idx.sort(key=lambda i: (len(examples[i].input_ids), examples[i].id))
+            for start in range(0, len(idx), shard_size):
+                plans.append(ShardPlan(len(plans), role, split, idx[start:start + shard_size]))
+    return plans
+
+
+def _ids_digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def _list_array(values: np.ndarray, counts: np.ndarray) -> pa.ListArray:
+    offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def shard_table(rows: Sequence[Tokenized], top_ids: np.ndarray, top_lps: np.ndarray, id_type: str) -> pa.Table:
+    """Build the Parquet table of one shard.
+
+    Args:
+        top_ids, top_lps: (N, k) for all response tokens of `rows`, in row order then position order.
+    """
+    n_resp = np.array([sum(r.loss_mask) for r in rows], dtype=np.int64)
+    lengths = np.array([len(r.input_ids) for r in rows], dtype=np.int64)
+    flat_ids = np.concatenate([np.asarray(r.input_ids) for r in rows]).astype(id_type)
+    flat_mask = np.concatenate([np.asarray(r.loss_mask, dtype=bool) for r in rows])
+    return pa.table({
+        "example_id": pa.array([r.id for r in rows], type=pa.string()),
+        "role": pa.array([r.role for r in rows], type=pa.string()),
+        "split": pa.array([r.split for r in rows], type=pa.string()),
+        "input_ids": _list_array(flat_ids, lengths),
+        "loss_mask": _list_array(flat_mask, lengths),
+        "target_token_ids": _nested(top_ids.astype(id_type), n_resp),
+        "target_logprobs": _nested(top_lps, n_resp),
+    })
+
+
+def _nested(values: np.ndarray, n_per_row: np.ndarray) -> pa.ListArray:
+    """(N, k) -> list<list<T>> with n_per_row[i] inner lists of k values in row i."""
+    n, k = values.shape
+    inner = _list_array(values.reshape(-1), np.full(n, k, dtype=np.int64))
+    offsets = np.zeros(len(n_per_row) + 1, dtype=np.int32)
+    np.cumsum(n_per_row, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def write_shard(path: Path, table: pa.Table, meta: dict) -> None:
+    """Write one shard crash-safely (tmp name, fsync, rename), zstd-compressed, metadata embedded."""
+    table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(meta, ensure_ascii=False).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=3, row_group_size=ROW_GROUP_SIZE,
+                       use_byte_stream_split=["target_logprobs.list.element.list.element"])
+
+
+def read_shard_meta(path: Path) -> dict | None:
+    """The metadata embedded in a shard, or None if the file is not a readable shard."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[SHARD_META_KEY])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
+
+
+def shard_is_complete(path: Path, meta: dict, rows: int) -> bool:
+    """A finished shard reads back whole with the expected number of rows."""
+    try:
+        return pq.read_table(path).num_rows == rows and meta.get("rows") == rows
+    except (OSError, pa.ArrowException):
+        return False
+
+
+@dataclass
+class CacheSummary:
+    examples: int
+    response_tokens: int
+    truncated: int
+    skipped_too_long: int
+    skipped_bad_lines: int
+    bytes: int
+    seconds: float
+    computed_examples: int
+    padding_waste: float
+    out: Path
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / max(self.response_tokens, 1)
+
+    def lines(self) -> list[str]:
+        return [
+            f"cache: {self.out}",
+            f"  examples          {self.examples} ({self.computed_examples} computed now, "
+            f"{self.examples - self.computed_examples} kept from an earlier run)",
+            f"  response tokens   {self.response_tokens}",
+            f"  truncated         {self.truncated} (response cut at max_length)",
+            f"  skipped           {self.skipped_too_long} (prompt fills max_length), "
+            f"{self.skipped_bad_lines} bad lines",
+            f"  size              {self.bytes / 1e6:.2f} MB, {self.bytes_per_token:.1f} bytes per response token",
+            f"  padding waste     {self.padding_waste:.1%} of batch positions",
+            f"  wall time         {self.seconds:.1f} s",
+        ]
+
+
+def _inputs(cfg: CacheConfig) -> list[tuple[str, str, str]]:
+    pairs = [(cfg.task_train, "task", "train"), (cfg.task_eval, "task", "eval"),
+             (cfg.rehearsal_train, "rehearsal", "train"), (cfg.rehearsal_eval, "rehearsal", "eval")]
+    return [(p, role, split) for p, role, split in pairs if p]
+
+
+def prepare(cfg: CacheConfig, tokenizer, log=print) -> tuple[list[Tokenized], dict, dict]:
+    """Read, validate and tokenise every input; return (examples, input records, counters). No model needed."""
+    examples: list[Tokenized] = []
+    records = []
+    counts = Counter()
+    first_source: dict[str, str] = {}
+    for path, role, split in _inputs(cfg):
+        exs, stats = read_jsonl(path, role=role, split=split, skip_bad_lines=cfg.skip_bad_lines)
+        counts["skipped_bad_lines"] += len(stats.skipped)
+        for line in stats.skipped[:5]:
+            log(f"skipped bad line {line}")
+        if len(stats.skipped) > 5:
+            log(f"... and {len(stats.skipped) - 5} more bad lines in {path}")
+        too_long = []
+        for ex in exs:
+            if ex.id in first_source:
+                raise PipelineError(f"{ex.source}: duplicate id {ex.id!r} (also at {first_source[ex.id]}); ids must "
+                                    "be unique across all inputs")
+            first_source[ex.id] = ex.source
+            tok = tokenize_example(tokenizer, ex, cfg.max_length)
+            if tok is None:
+                too_long.append(ex.source)
+                continue
+            counts["truncated"] += tok.truncated
+            examples.append(tok)
+        counts["skipped_too_long"] += len(too_long)
+        if too_long:
+            log(f"skipped {len(too_long)} examples of {path} whose prompt fills max_length={cfg.max_length} "
+                f"(first: {', '.join(too_long[:3])})")
+        records.append({"path": str(Path(path).resolve()), "sha256": sha256_file(Path(path)), "role": role,
+                        "split": split, "examples": len(exs), "skipped_bad_lines": len(stats.skipped)})
+    if not examples:
+        raise PipelineError("no examples left to cache after validation and truncation")
+    return examples, records, dict(counts)
+
+
+def check_out_dir(out: Path, settings: dict) -> dict | None:
+    """Refuse an output directory that holds something else or a cache made with other settings.
+
+    Returns:
+        The existing manifest if there is one (with matching settings), else None.
+    """
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise PipelineError(f"{out}: exists and is not a directory")
+    names = [p.name for p in out.iterdir() if TMP_MARK not in p.name]
+    foreign = [n for n in names if n != MANIFEST and not (n.startswith("shard-") and n.endswith(".parquet"))]
+    if foreign:
+        raise PipelineError(f"{out}: not empty and not a cache directory (found {foreign[0]}); choose another --out")
+    existing = None
+    if MANIFEST in names:
+        existing = read_json(out / MANIFEST, "cache manifest")
+    else:
+        for n in sorted(names):
+            existing = read_shard_meta(out / n)
+            if existing is not None:
+                existing = existing["settings"]
+                break
+    if existing is not None:
+        diffs = settings_differences(existing, settings)
+        if diffs:
+            raise PipelineError(f"{out}: holds a cache made with other settings ({describe_differences(diffs)}); "
+                                "use another --out or delete it")
+    return existing if MANIFEST in names else None
+
+
+def build_cache(cfg: CacheConfig, *, rank: int = 0, world_size: int = 1, barrier=None, log=print) -> CacheSummary:
+    """Run cache-teacher end to end (see the module docstring). Returns the summary printed at the end."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    model_dir = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    examples, input_records, counts = prepare(cfg, tokenizer, log)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0))
+    id_type = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "int32"
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "teacher": {"model": cfg.model, "fingerprint": model_fingerprint(model_dir)},
+        "quantization": quantization_settings(precision),
+        "precision": precision,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": cfg.max_length,
+        "top_k": cfg.top_k,
+        "temperature": cfg.temperature,
+        "inputs": input_records,
+        "storage": {"token_ids": id_type, "logprobs": cfg.logprob_dtype, "compression": "zstd"},
+        "shard_size": cfg.shard_size,
+        "batch_size": cfg.batch_size,
+        "skip_bad_lines": cfg.skip_bad_lines,
+    }
+    check_out_dir(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        remove_tmp_files(out)
+
+    plans = plan_shards(examples, cfg.shard_size)
+    lengths = [len(e.input_ids) for e in examples]
+    batches_of = {p.index: [[p.rows[i] for i in b] for b in length_batches([lengths[i] for i in p.rows],
+                                                                            cfg.batch_size)] for p in plans}
+    todo = []
+    for p in plans:
+        if p.index % world_size != rank:
+            continue
+        path = out / p.name
+        meta = read_shard_meta(path) if path.exists() else None
+        ids = [examples[i].id for i in p.rows]
+        if (meta is not None and not settings_differences(meta.get("settings", {}), settings)
+                and meta.get("ids_sha256") == _ids_digest(ids) and shard_is_complete(path, meta, len(ids))):
+            continue  # finished by an earlier run
+        todo.append(p)
+
+    computed = sum(len(p.rows) for p in todo)
+    if todo:
+        model = load_model(model_dir, device, precision)
+        head = output_head(model)
+        _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, out, cfg, device, precision, id_type)
+    if barrier is not None:
+        barrier()
+    waste = padding_waste([b for p in plans for b in batches_of[p.index]], lengths)
+    summary_counts = {**counts, "response_tokens": sum(sum(e.loss_mask) for e in examples)}
+    if rank == 0:
+        manifest = write_manifest(out, settings, plans, examples, summary_counts, waste)
+        total_bytes = manifest["totals"]["bytes"]
+    else:
+        total_bytes = sum((out / p.name).stat().st_size for p in plans)
+    return CacheSummary(
+        examples=len(examples), response_tokens=summary_counts["response_tokens"],
+        truncated=counts.get("truncated", 0), skipped_too_long=counts.get("skipped_too_long", 0),
+        skipped_bad_lines=counts.get("skipped_bad_lines", 0), bytes=total_bytes,
+        seconds=time.perf_counter() - t0, computed_examples=computed, padding_waste=waste, out=out)
+
+
+def _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, out, cfg, device, precision,
+                 id_type) -> None:
+    from tqdm.auto import tqdm
+
+    pad_id = tokenizer.pad_token_id
+    lp_dtype = np.float16 if cfg.logprob_dtype == "float16" else np.float32
+    bar = tqdm(total=sum(len(p.rows) for p in todo), unit="ex", desc="cache-teacher", dynamic_ncols=True)
+    t_start, n_tokens, n_resp = time.perf_counter(), 0, 0
+    try:
+        for plan in todo:
+            rows = [examples[i] for i in plan.rows]
+            pos_of = {i: j for j, i in enumerate(plan.rows)}
+            row_ids: list[np.ndarray | None] = [None] * len(rows)
+            row_lps: list[np.ndarray | None] = [None] * len(rows)
+            for batch_rows in batches_of[plan.index]:
+                batch = collate([examples[i] for i in batch_rows], pad_id).to(device)
+                ids, lps = teacher_topk(model, head, batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                        top_k=cfg.top_k, temperature=cfg.temperature, precision=precision)
+                counts = batch.loss_mask.sum(1).tolist()
+                ids_np, lps_np = ids.cpu().numpy(), lps.cpu().numpy().astype(lp_dtype)
+                start = 0
+                for i, n in zip(batch_rows, counts, strict=True):
+                    row_ids[pos_of[i]], row_lps[pos_of[i]] = ids_np[start:start + n], lps_np[start:start + n]
+                    start += n
+                n_tokens += int(batch.attention_mask.sum())
+                n_resp += sum(counts)
+                bar.update(len(batch_rows))
+                dt = max(time.perf_counter() - t_start, 1e-9)
+                bar.set_postfix_str(f"{n_tokens / dt:.0f} tok/s, {n_resp / dt:.0f} resp tok/s", refresh=False)
+            table = shard_table(rows, np.concatenate(row_ids), np.concatenate(row_lps), id_type)
+            meta = {"settings": settings, "index": plan.index, "role": plan.role, "split": plan.split,
+                    "rows": len(rows), "ids_sha256": _ids_digest([r.id for r in rows])}
+            write_shard(out / plan.name, table, meta)
+            crash_point("shard_written")
+    finally:
+        bar.close()
+
+
+@torch.inference_mode()
+def teacher_topk(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
+                 top_k: int, temperature: float, precision: str, chunk_size: int = 1024
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ids and fp32 log-probs of the teacher at every response position of a batch.
+
+    Returns:
+        ids (N, k) long and logprobs (N, k) fp32, N = loss_mask.sum(), in row-major order.
+    """
+    hidden = forward_hidden(model, input_ids, attention_mask, precision)  # (B, T, H)
+    rows, cols = response_positions(loss_mask)
+    return topk_logprobs(hidden[rows, cols], head.weight, top_k, bias=head.bias, temperature=temperature,
+                         chunk_size=chunk_size, logit_softcap=head.softcap)
+
+
+def write_manifest(out: Path, settings: dict, plans: Sequence[ShardPlan], examples: Sequence[Tokenized],
+                   counts: dict, waste: float) -> dict:
+    """Checksum every shard and write manifest.json last, atomically."""
+    shards = []
+    for p in plans:
+        path = out / p.name
+        if not path.is_file():
+            raise PipelineError(f"{path}: shard missing after the teacher pass; rerun the same command")
+        rows = [examples[i] for i in p.rows]
+        shards.append({"file": p.name, "role": p.role, "split": p.split, "rows": len(rows),
+                       "tokens": sum(len(r.input_ids) for r in rows),
+                       "response_tokens": sum(sum(r.loss_mask) for r in rows),
+                       "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    total_bytes = sum(s["bytes"] for s in shards)
+    per_part = Counter(f"{p.role}/{p.split}" for p in plans for _ in p.rows)
+    manifest = {
+        **settings,
+        "package_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shards": shards,
+        "totals": {
+            "examples": len(examples),
+            "examples_by_part": dict(sorted(per_part.items())),
+            "tokens": sum(s["tokens"] for s in shards),
+            "response_tokens": counts["response_tokens"],
+            "truncated": counts.get("truncated", 0),
+            "skipped_too_long": counts.get("skipped_too_long", 0),
+            "skipped_bad_lines": counts.get("skipped_bad_lines", 0),
+            "bytes": total_bytes,
+            "bytes_per_response_token": round(total_bytes / max(counts["response_tokens"], 1), 2),
+            "padding_waste": round(waste, 4),
+        },
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest

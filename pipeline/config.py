@@ -1,0 +1,377 @@
+"""Typed settings for every command: the dataclasses are the single source of defaults, help and checks.
+
+Precedence: built-in defaults < `--config FILE.yaml` < command-line flags. A config file has the shared
+keys (`model`, `seed`, `precision`, `device`) at the top level and one section per command::
+
+    model: smollm2-135m-instruct
+    cache_teacher: {top_k: 32, max_length: 512}
+    train: {kd_lambda: 0.5, max_steps: 200}
+
+Every problem (unknown keys, wrong types, values out of range, missing required settings) is collected
+and reported together, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, min: float | None = None,
+        max: float | None = None, required: bool = False, positive: bool = False, repeat: bool = False) -> Any:
+    """A dataclass field carrying its CLI help and its checks.
+
+    Args:
+        repeat: for list fields, the flag is given once per value (`--prompt a --prompt b`); other list
+            fields take one comma-separated value (`--lambdas 0,0.5,1`).
+    """
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "required": required,
+            "positive": positive, "repeat": repeat}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CommonConfig:
+    """Settings every command takes."""
+
+    model: str = opt(BUILTIN_MODEL, "Base model: a local Hugging Face model directory, a .gguf file, or the name of a "
+                     f"built-in model ({BUILTIN_MODEL}).")
+    seed: int = opt(0, "Random seed (data order, LoRA init, dropout, sampling).")
+    precision: str = opt("auto", "Compute precision of the 4-bit matmuls and autocast: bf16 where the CPU/GPU supports "
+                         "it (auto), or force bf16/fp32. Log-probs and losses are always fp32.",
+                         choices=("auto", "bf16", "fp32"))
+    device: str = opt("auto", "cuda, cpu, or auto (CUDA when available).", choices=("auto", "cpu", "cuda"))
+
+    def check(self) -> list[str]:
+        """Problems beyond what the field metadata checks; subclasses extend."""
+        return []
+
+
+@dataclass
+class CacheConfig(CommonConfig):
+    """`pipeline cache-teacher`: run the frozen 4-bit teacher once and store its top-k log-probs."""
+
+    task_train: str | None = opt(None, "JSONL of the new task, training part.")
+    task_eval: str | None = opt(None, "JSONL of the new task, held-out part.")
+    rehearsal_train: str | None = opt(None, "JSONL of general instruction data to rehearse, training part.")
+    rehearsal_eval: str | None = opt(None, "JSONL of general instruction data, held-out part (measures forgetting).")
+    out: str | None = opt(None, "Cache directory to write (rerun on the same directory to resume).", required=True)
+    top_k: int = opt(32, "Teacher tokens kept per response position (the rest becomes one residual bucket).",
+                     positive=True)
+    max_length: int = opt(512, "Truncate prompt + response to this many tokens.", min=8)
+    batch_size: int = opt(8, "Examples per teacher forward pass (batched by length).", positive=True)
+    temperature: float = opt(1.0, "Softmax temperature of the stored teacher log-probs.", positive=True)
+    shard_size: int = opt(1024, "Examples per Parquet shard (the unit of resuming).", positive=True)
+    logprob_dtype: str = opt("float16", "Storage type of the log-probs.", choices=("float16", "float32"))
+    skip_bad_lines: bool = opt(False, "Skip (and count) malformed input lines instead of stopping at the first one.")
+
+    def check(self) -> list[str]:
+        if not any((self.task_train, self.task_eval, self.rehearsal_train, self.rehearsal_eval)):
+            return ["no input: give at least one of --task-train, --task-eval, --rehearsal-train, --rehearsal-eval"]
+        return []
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """`pipeline train`: train a LoRA adapter against the cached soft targets."""
+
+    cache: str | None = opt(None, "Cache directory written by cache-teacher.", required=True)
+    out: str | None = opt(None, "Output directory (adapter/, metrics.jsonl, run.yaml, checkpoints/).", required=True)
+    kd_lambda: float = opt(0.5, "Weight of the distillation term: Loss = CE + lambda * T^2 * KL. 0 = plain SFT.", min=0)
+    kd_on: str = opt("all", "Which examples get the KL term.", choices=("all", "rehearsal"))
+    kl: str = opt("forward", "KL variant over the k+1 buckets (topk_renorm drops the residual: an ablation).",
+                  choices=("forward", "reverse", "topk_renorm"))
+    rehearsal_ratio: float = opt(0.3, "Share of rehearsal (general) examples in every optimiser step.", min=0, max=1)
+    l2: float = opt(0.0, "mu: weight of the L2 penalty on the LoRA parameters.", min=0)
+    lora_r: int = opt(8, "LoRA rank.", positive=True)
+    lora_alpha: float = opt(16, "LoRA alpha (scale = alpha / r).", positive=True)
+    lora_dropout: float = opt(0.05, "LoRA dropout.", min=0, max=1)
+    lora_target_modules: str = opt("all-linear", "Comma-separated module names to adapt, or all-linear.")
+    max_steps: int = opt(200, "Optimiser steps.", positive=True)
+    batch_size: int = opt(8, "Examples per micro-batch.", positive=True)
+    grad_accum: int = opt(1, "Micro-batches per optimiser step (the loss is normalised by the step's tokens).",
+                          positive=True)
+    lr: float = opt(2e-4, "Peak learning rate (AdamW, cosine schedule).", positive=True)
+    warmup_steps: int = opt(10, "Linear warm-up steps before the cosine decay.", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables; the setup diverges without it).", min=0)
+    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass to save memory.")
+    loss_chunk_size: int = opt(1024, "Response tokens per chunk of full-vocabulary log-probs.", positive=True)
+    divergence_factor: float = opt(4.0, "Stop when the loss exceeds this multiple of its best running average.",
+                                   min=1)
+    log_every: int = opt(10, "Write a line to metrics.jsonl every N steps.", positive=True)
+    save_every: int = opt(50, "Write a resumable checkpoint every N steps.", positive=True)
+    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", positive=True)
+    temperature: float | None = opt(None, "Distillation temperature; must equal the cache's (default: the cache's).",
+                                    positive=True)
+    max_length: int | None = opt(None, "Must equal the cache's max_length if given.", positive=True)
+    top_k: int | None = opt(None, "Must equal the cache's top_k if given.", positive=True)
+    resume: bool = opt(False, "Continue from the last complete checkpoint in --out.")
+    overwrite: bool = opt(False, "Delete a non-empty --out and start afresh.")
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.resume and self.overwrite:
+            problems.append("--resume and --overwrite exclude each other")
+        return problems
+
+
+@dataclass
+class EvalConfig(CommonConfig):
+    """`pipeline evaluate`: how much the adapter learned (task) and forgot (general data)."""
+
+    cache: str | None = opt(None, "Cache directory (its eval rows are scored).", required=True)
+    adapter: str | None = opt(None, "Adapter directory; omit to score the base model (the baseline row).")
+    out: str | None = opt(None, "Write the JSON report here (default: print it).")
+    batch_size: int = opt(16, "Examples per forward pass / generation batch.", positive=True)
+    max_new_tokens: int = opt(64, "Generation length for the task score.", positive=True)
+    task_score: str = opt("exact_match", "How to score generated task answers (none: skip generation).",
+                          choices=("exact_match", "none"))
+    limit: int | None = opt(None, "Score at most this many examples of each eval set.", positive=True)
+
+
+@dataclass
+class SweepConfig(CommonConfig):
+    """`pipeline sweep`: train + evaluate each setting from ONE cache and write a report."""
+
+    cache: str | None = opt(None, "Cache directory written by cache-teacher (never recomputed).", required=True)
+    out: str | None = opt(None, "Sweep directory: one sub-directory per run, report.md, tradeoff.png.", required=True)
+    lambdas: list[float] = opt([], "Comma-separated kd_lambda values, e.g. 0,0.5,1.")
+    grid: list[str] = opt([], "key=v1,v2 over any train setting (repeatable), e.g. lora_r=4,8,16.", repeat=True)
+    runs: list[dict] = opt([], "Extra runs, each a mapping of train settings (config file only).")
+
+
+@dataclass
+class RehearsalConfig(CommonConfig):
+    """`pipeline make-rehearsal`: let the base model answer general prompts, for use as rehearsal data."""
+
+    prompts: str | None = opt(None, "JSONL of prompts (instruction/input or messages ending in a user turn).",
+                              required=True)
+    out: str | None = opt(None, "JSONL to write (rerun to resume).", required=True)
+    max_new_tokens: int = opt(128, "Longest answer in tokens.", positive=True)
+    batch_size: int = opt(16, "Prompts per generation batch.", positive=True)
+    temperature: float = opt(1.0, "Sampling temperature (1 keeps the base distribution; see --greedy).", min=0)
+    greedy: bool = opt(False, "Answer greedily instead of sampling (sharpens the base distribution).")
+    skip_bad_lines: bool = opt(False, "Skip (and count) malformed prompt lines.")
+
+
+@dataclass
+class GenerateConfig(CommonConfig):
+    """`pipeline generate`: answer prompts with base + adapter."""
+
+    adapter: str | None = opt(None, "Adapter directory (omit for the base model).")
+    prompt: list[str] = opt([], "A prompt (repeatable).", repeat=True)
+    prompts: str | None = opt(None, "JSONL of prompts.")
+    out: str | None = opt(None, "Write answers as JSONL here (default: print them).")
+    max_new_tokens: int = opt(256, "Longest answer in tokens.", positive=True)
+    batch_size: int = opt(8, "Prompts per generation batch.", positive=True)
+    temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", min=0)
+
+    def check(self) -> list[str]:
+        if not self.prompt and not self.prompts:
+            return ["no prompt: give --prompt TEXT (repeatable) or --prompts FILE.jsonl"]
+        return []
+
+
+@dataclass
+class MergeConfig(CommonConfig):
+    """`pipeline merge`: fold the adapter into a full-precision copy of the base."""
+
+    adapter: str | None = opt(None, "Adapter directory.", required=True)
+    out: str | None = opt(None, "Directory for the merged Hugging Face model.", required=True)
+    dtype: str = opt("float32", "Weight dtype of the saved model.", choices=("float32", "bfloat16", "float16"))
+
+
+# The config-file section of each command. Sweep reads `train` and `evaluate` too (the fixed part of each run).
+SECTIONS: dict[str, type[CommonConfig]] = {
+    "cache_teacher": CacheConfig,
+    "train": TrainConfig,
+    "evaluate": EvalConfig,
+    "sweep": SweepConfig,
+    "make_rehearsal": RehearsalConfig,
+    "generate": GenerateConfig,
+    "merge": MergeConfig,
+}
+COMMON_KEYS = tuple(f.name for f in fields(CommonConfig))
+
+
+def _type_of(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against a field type (int, float, str, bool, X | None, list[X], list[dict])."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        if value is None:
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(value, inner, where, problems)
+    if typing.get_origin(tp) is list:
+        (inner,) = args
+        if isinstance(value, str) and inner is not dict:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return []
+        return [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    elif tp is dict and isinstance(value, dict):
+        return value
+    problems.append(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    return None
+
+
+def _check_fields(cfg: CommonConfig, where: str) -> list[str]:
+    problems = []
+    for f in fields(cfg):
+        value, m = getattr(cfg, f.name), f.metadata
+        key = f"{where}{f.name}"
+        if value is None:
+            if m.get("required"):
+                problems.append(f"{key}: required (--{f.name.replace('_', '-')})")
+            continue
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int | float | str):
+                continue
+            if m.get("choices") and v not in m["choices"]:
+                problems.append(f"{key}: {v!r} is not one of {', '.join(m['choices'])}")
+            if isinstance(v, int | float):
+                if m.get("positive") and v <= 0:
+                    problems.append(f"{key}: must be > 0, got {v}")
+                if m.get("min") is not None and v < m["min"]:
+                    problems.append(f"{key}: must be >= {m['min']}, got {v}")
+                if m.get("max") is not None and v > m["max"]:
+                    problems.append(f"{key}: must be <= {m['max']}, got {v}")
+    return problems
+
+
+def _unknown_keys(keys: list[str], known: list[str], where: str) -> list[str]:
+    problems = []
+    for k in keys:
+        if k not in known:
+            hint = difflib.get_close_matches(str(k), known, n=1)
+            problems.append(f"{where}{k}: unknown setting" + (f" (did you mean {hint[0]}?)" if hint else ""))
+    return problems
+
+
+def read_config_file(path: str | Path) -> tuple[dict, list[str]]:
+    """Parse a YAML config and check its structure (every section, not only the one in use)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, [f"{p}: config file not found"]
+    except IsADirectoryError:
+        return {}, [f"{p}: is a directory, expected a YAML file"]
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        return {}, [f"{p}: not valid YAML: {' '.join(str(e).split())}"]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return {}, [f"{p}: expected a mapping of settings at the top level, got {type(data).__name__}"]
+    problems = _unknown_keys(list(data), [*COMMON_KEYS, *SECTIONS], f"{p}: ")
+    for section, cls in SECTIONS.items():
+        body = data.get(section)
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"{p}: {section}: expected a mapping, got {body!r}")
+            continue
+        names = [f.name for f in fields(cls)]
+        problems += _unknown_keys(list(body), names, f"{p}: {section}.")
+        for k, v in body.items():
+            if k in names:
+                _coerce(v, _type_of(cls, k), f"{p}: {section}.{k}", problems)
+    return data, problems
+
+
+def load_config(cls: type[CommonConfig], config_file: str | None, flags: dict[str, Any],
+                section: str | None = None, extra_problems: list[str] | None = None) -> Any:
+    """Build a config: defaults < config file (shared keys, then `section`) < flags that were given.
+
+    Raises:
+        ConfigError: with every problem found, in the file, the flags and the values.
+    """
+    section = section or next(s for s, c in SECTIONS.items() if c is cls)
+    problems = list(extra_problems or [])
+    values: dict[str, Any] = {}
+    where_of: dict[str, str] = {}
+    if config_file:
+        data, file_problems = read_config_file(config_file)
+        problems += file_problems
+        for k in COMMON_KEYS:
+            if k in data:
+                values[k], where_of[k] = data[k], f"{config_file}: {k}"
+        for k, v in (data.get(section) or {}).items() if isinstance(data.get(section), dict) else []:
+            values[k], where_of[k] = v, f"{config_file}: {section}.{k}"
+    names = {f.name for f in fields(cls)}
+    for k, v in flags.items():
+        if v is None or (isinstance(v, tuple | list) and not v):
+            continue
+        if k in names:
+            values[k], where_of[k] = v, f"--{k.replace('_', '-')}"
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            continue  # already reported by read_config_file
+        before = len(problems)
+        coerced = _coerce(list(v) if isinstance(v, tuple) else v, _type_of(cls, k), where_of[k], problems)
+        if len(problems) == before:
+            kwargs[k] = coerced
+    cfg = cls(**kwargs)
+    problems += _check_fields(cfg, "")
+    problems += cfg.check()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def section_values(config_file: str | None, section: str) -> dict[str, Any]:
+    """The raw values of one section of a config file (already checked by read_config_file)."""
+    if not config_file:
+        return {}
+    data, _ = read_config_file(config_file)
+    body = data.get(section)
+    return dict(body) if isinstance(body, dict) else {}

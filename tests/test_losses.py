@@ -1,0 +1,539 @@
+"""Tests for pipeline.losses: chunked == unchunked == a dense full-vocabulary reference, hand-computed values,
+gradients, edge cases (no tokens, everything masked, fp16 teacher), the teacher-side top-k and the L2 penalty.
+
+The reference below is written the obvious way on purpose (full logits, full log-softmax, a Python loop over tokens
+and buckets, residual mass as a plain sum of probabilities, float64) and shares no helper with the module under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline import losses
+from pipeline.losses import KL_KINDS, REVERSE_RESIDUAL_FLOOR, l2_penalty, response_losses, topk_logprobs
+
+N, V, H, K = 13, 64, 16, 5  # 13 tokens: not a multiple of the chunk sizes 3 and 7, so the last chunk is partial
+CHUNK_SIZES = (3, 7, 1024)  # 1024 >= N: the unchunked case
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------------------------- dense reference
+
+
+def reference_token_kl(logq_row: Tensor, ids: list[int], lp: Tensor, kind: str) -> Tensor:
+    """KL of one token, bucket by bucket. logq_row: (V,) float64 full student log-probs; lp: (k,) teacher log-probs."""
+    outside = [v for v in range(logq_row.shape[0]) if v not in set(ids)]
+    lp = lp.double()
+    p = lp.exp()
+    log_q = logq_row[ids]
+    q = log_q.exp()
+    total = logq_row.new_zeros(())
+    if kind == "topk_renorm":
+        p_s, q_s = p / p.sum(), q / q.sum()
+        for j in range(len(ids)):
+            total = total + p_s[j] * (torch.log(p_s[j]) - torch.log(q_s[j]))
+        return total
+    p_r = max(1.0 - p.sum().item(), 0.0)
+    if kind == "forward":
+        for j in range(len(ids)):
+            total = total + p[j] * (lp[j] - log_q[j])
+        if outside and p_r > 0:
+            q_r = logq_row[outside].exp().sum()
+            total = total + p_r * (math.log(p_r) - torch.log(q_r))
+        return total
+    assert kind == "reverse"
+    for j in range(len(ids)):
+        total = total + q[j] * (log_q[j] - lp[j])
+    if outside:
+        q_r = logq_row[outside].exp().sum()
+        total = total + q_r * (torch.log(q_r) - math.log(max(p_r, REVERSE_RESIDUAL_FLOOR)))
+    return total
+
+
+def dense_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    teacher_ids: Tensor | None = None,
+    teacher_logprobs: Tensor | None = None,
+    kd_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    kl: str = "forward",
+    logit_softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(ce_sum, kl_sum) in float64 from the full (N, V) logits at once."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    ce = F.cross_entropy(logits, labels, reduction="sum")
+    total = logits.new_zeros(())
+    if teacher_ids is None or teacher_logprobs is None:
+        return ce, total
+    logq = torch.log_softmax(logits / temperature, dim=-1)
+    for t in range(hidden.shape[0]):
+        if kd_mask is None or kd_mask[t]:
+            total = total + reference_token_kl(logq[t], teacher_ids[t].tolist(), teacher_logprobs[t], kl)
+    return ce, total
+
+
+def make_problem(
+    n: int = N, vocab: int = V, dim: int = H, k: int = K, temperature: float = 1.0, bias: bool = False
+) -> dict[str, Tensor | None]:
+    """Random student hidden states / lm_head and a teacher's top-k at temperature T (fp32)."""
+    hidden = torch.randn(n, dim)
+    weight = torch.randn(vocab, dim) / dim**0.5 * 3  # logits of order a few units: a peaked-ish distribution
+    teacher_full = torch.log_softmax(torch.randn(n, vocab) * 3 / temperature, dim=-1)
+    teacher_logprobs, teacher_ids = teacher_full.topk(k, dim=-1)
+    return {
+        "hidden": hidden,
+        "weight": weight,
+        "labels": torch.randint(0, vocab, (n,)),
+        "bias": torch.randn(vocab) if bias else None,
+        "teacher_ids": teacher_ids,
+        "teacher_logprobs": teacher_logprobs,
+        "teacher_full": teacher_full,
+    }
+
+
+def loss_kwargs(prob: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+    return {key: prob[key] for key in ("bias", "teacher_ids", "teacher_logprobs")}
+
+
+# ------------------------------------------------------------------------------------- chunked == unchunked == dense
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_equals_unchunked_equals_dense(kind: str, temperature: float, masked: bool, bias: bool) -> None:
+    prob = make_problem(temperature=temperature, bias=bias)
+    kd_mask = torch.rand(N) < 0.6 if masked else None
+    hidden = prob["hidden"].clone().requires_grad_(True)  # grad on: exercises the checkpointed path
+    ref_ce, ref_kl = dense_reference(
+        hidden.detach(),
+        prob["weight"],
+        prob["labels"],
+        **loss_kwargs(prob),
+        kd_mask=kd_mask,
+        temperature=temperature,
+        kl=kind,
+    )
+    assert ref_kl.item() > 0.05  # the comparison is about a real, non-trivial number
+
+    results = {}
+    for chunk_size in CHUNK_SIZES:
+        out = response_losses(
+            hidden,
+            prob["weight"],
+            prob["labels"],
+            **loss_kwargs(prob),
+            kd_mask=kd_mask,
+            temperature=temperature,
+            kl=kind,
+            chunk_size=chunk_size,
+        )
+        assert out.ce.dtype == torch.float32 and out.kl.dtype == torch.float32
+        assert out.n_tokens == N
+        assert out.n_kd_tokens == (int(kd_mask.sum()) if masked else N)
+        torch.testing.assert_close(out.ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.kl.double(), ref_kl, rtol=1e-5, atol=1e-5)
+        results[chunk_size] = out
+
+    unchunked = results[CHUNK_SIZES[-1]]
+    for chunk_size in CHUNK_SIZES[:-1]:
+        torch.testing.assert_close(results[chunk_size].ce, unchunked.ce, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(results[chunk_size].kl, unchunked.kl, rtol=1e-6, atol=1e-6)
+
+    with torch.no_grad():  # the plain (not checkpointed) path gives the same numbers
+        plain = response_losses(
+            hidden,
+            prob["weight"],
+            prob["labels"],
+            **loss_kwargs(prob),
+            kd_mask=kd_mask,
+            temperature=temperature,
+            kl=kind,
+            chunk_size=3,
+        )
+    torch.testing.assert_close(plain.ce, results[3].ce, rtol=0, atol=0)
+    torch.testing.assert_close(plain.kl, results[3].kl, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_logit_softcap_matches_dense(kind: str) -> None:
+    prob = make_problem(temperature=2.0, bias=True)
+    ref_ce, ref_kl = dense_reference(
+        prob["hidden"],
+        prob["weight"],
+        prob["labels"],
+        **loss_kwargs(prob),
+        temperature=2.0,
+        kl=kind,
+        logit_softcap=3.0,
+    )
+    out = response_losses(
+        prob["hidden"],
+        prob["weight"],
+        prob["labels"],
+        **loss_kwargs(prob),
+        temperature=2.0,
+        kl=kind,
+        chunk_size=4,
+        logit_softcap=3.0,
+    )
+    torch.testing.assert_close(out.ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.kl.double(), ref_kl, rtol=1e-5, atol=1e-5)
+    # The cap really changes the numbers (logits reach beyond 3 here), so the test above is not vacuous.
+    uncapped = response_losses(prob["hidden"], prob["weight"], prob["labels"], **loss_kwargs(prob), kl=kind)
+    assert abs(uncapped.ce.item() - out.ce.item()) > 1e-2
+
+
+def test_no_teacher_gives_ce_only() -> None:
+    prob = make_problem()
+    hidden = prob["hidden"].clone().requires_grad_(True)
+    out = response_losses(hidden, prob["weight"], prob["labels"], chunk_size=4)
+    ref_ce, _ = dense_reference(hidden.detach(), prob["weight"], prob["labels"])
+    torch.testing.assert_close(out.ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
+    assert out.kl.item() == 0.0 and out.n_kd_tokens == 0 and out.n_tokens == N
+    (out.ce + 0.5 * out.kl).backward()  # the zero KL is part of the graph: adding it is harmless
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+# ------------------------------------------------------------------------------------------- exact / hand values
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_full_vocabulary_topk_equals_exact_kl(kind: str) -> None:
+    """With k == V the k+1 buckets are the whole distribution: the sparse KL is the exact KL."""
+    prob = make_problem(k=V, temperature=2.0)
+    teacher_full = prob["teacher_full"]
+    ids = teacher_full.argsort(dim=-1, descending=True)  # (N, V), a full permutation per token
+    lp = teacher_full.gather(-1, ids)
+    out = response_losses(
+        prob["hidden"],
+        prob["weight"],
+        prob["labels"],
+        teacher_ids=ids,
+        teacher_logprobs=lp,
+        temperature=2.0,
+        kl=kind,
+        chunk_size=4,
+    )
+    logq = torch.log_softmax(prob["hidden"].double() @ prob["weight"].double().T / 2.0, dim=-1)
+    logp = teacher_full.double()
+    if kind == "reverse":
+        exact = F.kl_div(logp, logq, log_target=True, reduction="sum")  # sum_v q_v (log q_v - log p_v)
+    else:  # forward; topk_renorm over the whole vocabulary renormalises nothing
+        exact = F.kl_div(logq, logp, log_target=True, reduction="sum")  # sum_v p_v (log p_v - log q_v)
+    assert exact.item() > 0.1
+    torch.testing.assert_close(out.kl.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def _one_token(student_probs: list[float], teacher_ids: list[int], teacher_probs: list[float], kind: str):
+    """One token whose student distribution is exactly student_probs: weight = I, hidden = log(probs)."""
+    vocab = len(student_probs)
+    hidden = torch.tensor([student_probs], dtype=torch.float64).log()  # (1, V): logits = log q, softmax = q
+    return response_losses(
+        hidden,
+        torch.eye(vocab, dtype=torch.float64),
+        torch.tensor([0]),
+        teacher_ids=torch.tensor([teacher_ids]),
+        teacher_logprobs=torch.tensor([teacher_probs], dtype=torch.float64).log(),
+        kl=kind,
+    )
+
+
+def test_hand_computed_k1() -> None:
+    # Student q = (0.5, 0.3, 0.2). Teacher top-1 = token 0 with p_0 = 0.7, so p_r = 0.3; the student's residual is
+    # q_r = q_1 + q_2 = 0.5.
+    forward = 0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.5)  # 0.235531 - 0.153248 = 0.082283
+    reverse = 0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)  # -0.168236 + 0.255413 = 0.087177
+    assert _one_token([0.5, 0.3, 0.2], [0], [0.7], "forward").kl.item() == pytest.approx(forward, abs=1e-12)
+    assert _one_token([0.5, 0.3, 0.2], [0], [0.7], "reverse").kl.item() == pytest.approx(reverse, abs=1e-12)
+    assert forward == pytest.approx(0.082283, abs=1e-6) and reverse == pytest.approx(0.087177, abs=1e-6)
+    # k = 1 renormalised is 1 vs 1: topk_renorm sees nothing.
+    assert _one_token([0.5, 0.3, 0.2], [0], [0.7], "topk_renorm").kl.item() == pytest.approx(0.0, abs=1e-12)
+    # CE of label 0 is -log q_0 = -log 0.5.
+    assert _one_token([0.5, 0.3, 0.2], [0], [0.7], "forward").ce.item() == pytest.approx(math.log(2), abs=1e-12)
+
+
+def test_hand_computed_k2() -> None:
+    # Student q = (0.5, 0.3, 0.2). Teacher top-2 = tokens (1, 0) with p = (0.6, 0.3), so p_r = 0.1; q_r = q_2 = 0.2.
+    forward = 0.6 * math.log(0.6 / 0.3) + 0.3 * math.log(0.3 / 0.5) + 0.1 * math.log(0.1 / 0.2)
+    # = 0.415888 - 0.153248 - 0.069315 = 0.193326
+    reverse = 0.3 * math.log(0.3 / 0.6) + 0.5 * math.log(0.5 / 0.3) + 0.2 * math.log(0.2 / 0.1)
+    # = -0.207944 + 0.255413 + 0.138629 = 0.186098
+    # Renormalised over S = (1, 0): p~ = (2/3, 1/3), q~ = (0.3/0.8, 0.5/0.8) = (0.375, 0.625).
+    renorm = 2 / 3 * math.log((2 / 3) / 0.375) + 1 / 3 * math.log((1 / 3) / 0.625)
+    # = 0.383576 - 0.209536 = 0.174040
+    expected = {"forward": (forward, 0.193326), "reverse": (reverse, 0.186098), "topk_renorm": (renorm, 0.174040)}
+    for kind, (exact, by_hand) in expected.items():
+        assert exact == pytest.approx(by_hand, abs=1e-6)
+        assert _one_token([0.5, 0.3, 0.2], [1, 0], [0.6, 0.3], kind).kl.item() == pytest.approx(exact, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_match_dense(kind: str, dtype: torch.dtype) -> None:
+    prob = make_problem(temperature=2.0, bias=True)
+    kd_mask = torch.rand(N) < 0.6
+    hidden = prob["hidden"].to(dtype, copy=True).requires_grad_(True)
+    # The lm_head is frozen in training; giving it a gradient here also checks the checkpoint's recomputation.
+    weight = prob["weight"].to(dtype, copy=True).requires_grad_(True)
+
+    out = response_losses(
+        hidden, weight, prob["labels"], **loss_kwargs(prob), kd_mask=kd_mask, temperature=2.0, kl=kind, chunk_size=3
+    )
+    (out.ce + 0.7 * out.kl).backward()
+
+    ref_hidden = prob["hidden"].double().requires_grad_(True)
+    ref_weight = prob["weight"].double().requires_grad_(True)
+    ref_ce, ref_kl = dense_reference(
+        ref_hidden, ref_weight, prob["labels"], **loss_kwargs(prob), kd_mask=kd_mask, temperature=2.0, kl=kind
+    )
+    (ref_ce + 0.7 * ref_kl).backward()
+
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert hidden.grad is not None and weight.grad is not None
+    assert hidden.grad.abs().max() > 1e-3
+    torch.testing.assert_close(hidden.grad.double(), ref_hidden.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(weight.grad.double(), ref_weight.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_gradcheck(kind: str) -> None:
+    """Analytical gradients through the checkpointed chunks equal finite differences (float64)."""
+    prob = make_problem(n=5, vocab=12, dim=4, k=3, temperature=2.0, bias=True)
+    kd_mask = torch.tensor([True, False, True, True, False])
+
+    def loss(hidden: Tensor) -> Tensor:
+        out = response_losses(
+            hidden,
+            prob["weight"].double(),
+            prob["labels"],
+            **loss_kwargs(prob),
+            kd_mask=kd_mask,
+            temperature=2.0,
+            kl=kind,
+            chunk_size=2,
+        )
+        return out.ce + out.kl
+
+    assert torch.autograd.gradcheck(loss, (prob["hidden"].double().requires_grad_(True),))
+
+
+def test_checkpointing_keeps_no_vocabulary_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the checkpointed chunks, autograd saves nothing of vocabulary width; without checkpointing it would."""
+    prob = make_problem()
+
+    def saved_vocab_tensors() -> int:
+        count = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal count
+            count += int(t.dim() >= 1 and t.shape[-1] == V)
+            return t
+
+        hidden = prob["hidden"].clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = response_losses(hidden, prob["weight"], prob["labels"], **loss_kwargs(prob), chunk_size=4)
+        (out.ce + out.kl).backward()
+        return count
+
+    assert saved_vocab_tensors() == 0
+    monkeypatch.setattr(losses, "checkpoint", lambda fn, *args, **_: fn(*args))  # control: checkpointing off
+    assert saved_vocab_tensors() > 0
+
+
+# --------------------------------------------------------------------------------------------------- edge cases
+
+
+def test_zero_tokens() -> None:
+    hidden = torch.randn(0, H, requires_grad=True)
+    out = response_losses(
+        hidden,
+        torch.randn(V, H),
+        torch.zeros(0, dtype=torch.long),
+        teacher_ids=torch.zeros(0, K, dtype=torch.long),
+        teacher_logprobs=torch.zeros(0, K),
+    )
+    assert (out.n_tokens, out.n_kd_tokens) == (0, 0)
+    assert out.ce.item() == 0.0 and out.kl.item() == 0.0
+    assert out.ce.dtype == torch.float32
+    (out.ce + out.kl).backward()
+    assert hidden.grad is not None and hidden.grad.shape == (0, H)
+
+
+def test_all_masked() -> None:
+    prob = make_problem()
+    # Garbage in the unused teacher rows must not leak into the loss or its gradient.
+    teacher_logprobs = torch.full((N, K), float("nan"))
+    hidden = prob["hidden"].clone().requires_grad_(True)
+    for kind in KL_KINDS:
+        hidden.grad = None
+        out = response_losses(
+            hidden,
+            prob["weight"],
+            prob["labels"],
+            teacher_ids=prob["teacher_ids"],
+            teacher_logprobs=teacher_logprobs,
+            kd_mask=torch.zeros(N, dtype=torch.bool),
+            kl=kind,
+            chunk_size=4,
+        )
+        assert out.kl.item() == 0.0 and out.n_kd_tokens == 0 and out.n_tokens == N
+        ref_ce, _ = dense_reference(hidden.detach(), prob["weight"], prob["labels"])
+        torch.testing.assert_close(out.ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
+        (out.ce + out.kl).backward()
+        assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_fp16_teacher_with_negative_residual(kind: str) -> None:
+    prob = make_problem(n=4, k=2)
+    # fp16 rounding of these log-probs makes p_0 + p_1 > 1: the raw residual 1 - sum p is slightly negative.
+    teacher_logprobs = torch.tensor([[math.log(0.6), math.log(0.4 + 2e-3)]] * 4, dtype=torch.float16)
+    assert 1.0 - teacher_logprobs.float().exp().sum(-1).max().item() < 0
+    hidden = prob["hidden"].clone().requires_grad_(True)
+    out = response_losses(
+        hidden,
+        prob["weight"],
+        prob["labels"],
+        teacher_ids=prob["teacher_ids"],
+        teacher_logprobs=teacher_logprobs,
+        kl=kind,
+        chunk_size=3,
+    )
+    assert torch.isfinite(out.kl) and out.kl.item() > 0
+    out.kl.backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    # Same number as the reference, which clamps the residual at 0 (and floors it for reverse).
+    _, ref_kl = dense_reference(
+        hidden.detach(),
+        prob["weight"],
+        prob["labels"],
+        teacher_ids=prob["teacher_ids"],
+        teacher_logprobs=teacher_logprobs,
+        kl=kind,
+    )
+    torch.testing.assert_close(out.kl.double(), ref_kl, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_minus_inf_teacher_logprob_stays_finite(kind: str) -> None:
+    prob = make_problem(n=4)
+    teacher_logprobs = prob["teacher_logprobs"].clone()
+    teacher_logprobs[:, -1] = float("-inf")  # e.g. a cache that stored -inf for a token it rounds to p = 0
+    hidden = prob["hidden"].clone().requires_grad_(True)
+    kwargs = {"teacher_ids": prob["teacher_ids"], "kl": kind, "chunk_size": 3}
+    out = response_losses(hidden, prob["weight"], prob["labels"], teacher_logprobs=teacher_logprobs, **kwargs)
+    assert torch.isfinite(out.kl)
+    out.kl.backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    if kind != "reverse":  # p = 0 either way: the same number as a very negative finite log-prob
+        teacher_logprobs[:, -1] = -300.0
+        finite = response_losses(hidden, prob["weight"], prob["labels"], teacher_logprobs=teacher_logprobs, **kwargs)
+        torch.testing.assert_close(out.kl, finite.kl, rtol=0, atol=0)
+
+
+def test_bf16_hidden_computes_in_fp32() -> None:
+    prob = make_problem(temperature=2.0)
+    hidden = prob["hidden"].bfloat16().requires_grad_(True)
+    out = response_losses(
+        hidden, prob["weight"].bfloat16(), prob["labels"], **loss_kwargs(prob), temperature=2.0, chunk_size=4
+    )
+    assert out.ce.dtype == torch.float32 and out.kl.dtype == torch.float32
+    # Exactly the fp32 maths on the bf16-rounded inputs (upcasting bf16 -> fp32 is exact).
+    ref_ce, ref_kl = dense_reference(
+        hidden.detach().float(),
+        prob["weight"].bfloat16().float(),
+        prob["labels"],
+        **loss_kwargs(prob),
+        temperature=2.0,
+    )
+    torch.testing.assert_close(out.ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.kl.double(), ref_kl, rtol=1e-5, atol=1e-5)
+    (out.ce + out.kl).backward()
+    assert hidden.grad is not None and hidden.grad.dtype == torch.bfloat16
+
+
+def test_bad_arguments() -> None:
+    prob = make_problem()
+    with pytest.raises(ValueError, match="kl kind"):
+        response_losses(prob["hidden"], prob["weight"], prob["labels"], **loss_kwargs(prob), kl="jensen")
+    with pytest.raises(ValueError, match="together"):
+        response_losses(prob["hidden"], prob["weight"], prob["labels"], teacher_ids=prob["teacher_ids"])
+
+
+# ------------------------------------------------------------------------------------------ teacher top-k and L2
+
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize(("temperature", "bias", "softcap"), [(1.0, False, None), (2.0, True, 3.0)])
+def test_topk_logprobs_matches_dense(chunk_size: int, temperature: float, bias: bool, softcap: float | None) -> None:
+    prob = make_problem(bias=bias)
+    ids, lp = topk_logprobs(
+        prob["hidden"],
+        prob["weight"],
+        K,
+        bias=prob["bias"],
+        temperature=temperature,
+        chunk_size=chunk_size,
+        logit_softcap=softcap,
+    )
+    logits = prob["hidden"] @ prob["weight"].T
+    if bias:
+        logits = logits + prob["bias"]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    ref_lp, ref_ids = torch.log_softmax(logits / temperature, dim=-1).topk(K, dim=-1)
+    assert ids.dtype == torch.long and lp.dtype == torch.float32 and ids.shape == (N, K)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-6, atol=1e-6)
+    assert (lp[:, :-1] >= lp[:, 1:]).all()  # most likely first
+
+
+def test_topk_logprobs_roundtrip_is_zero_kl() -> None:
+    """A student identical to the teacher has zero KL against the teacher's own cache, for every kind."""
+    prob = make_problem()
+    ids, lp = topk_logprobs(prob["hidden"], prob["weight"], K, temperature=2.0, chunk_size=4)
+    for kind in KL_KINDS:
+        out = response_losses(
+            prob["hidden"],
+            prob["weight"],
+            prob["labels"],
+            teacher_ids=ids,
+            teacher_logprobs=lp,
+            temperature=2.0,
+            kl=kind,
+        )
+        assert abs(out.kl.item()) < 1e-5
+
+
+def test_l2_penalty() -> None:
+    params = [torch.randn(8, 4, requires_grad=True), torch.randn(4, 8).bfloat16(), torch.randn(3)]
+    value = l2_penalty(params)
+    expected = sum(p.detach().float().pow(2).sum() for p in params)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected)
+    assert value.item() > 1.0
+    value.backward()
+    torch.testing.assert_close(params[0].grad, 2 * params[0].detach())
+    assert l2_penalty([]).item() == 0.0
