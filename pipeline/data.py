@@ -13,6 +13,7 @@ Prompt files (make-rehearsal, generate) are the same forms without the answer.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,3 +264,20 @@ def padding_waste(batches: Iterable[Sequence[int]], lengths: Sequence[int]) -> f
             total += len(b) * max(lengths[i] for i in b)
             real += sum(lengths[i] for i in b)
     return 1 - real / total if total else 0.0
+
+
+def rehearsal_count(ratio: float, n_examples: int) -> int:
+    """Rehearsal examples in a step of n_examples: round(ratio * n), halves rounded up (0.3 * 5 -> 2)."""
+    return min(n_examples, math.floor(ratio * n_examples + 0.5))
+
+
+def draw_step(task, rehearsal, n_examples: int, ratio: float, seed: int, step: int) -> list:
+    """The examples of one optimiser step: rehearsal_count(...) from `rehearsal`, the rest from `task`.
+
+    Both streams are endless, seeded and independently shuffled (reader.RowStream); the mixed list is
+    shuffled with a generator seeded by (seed, step), so the order needs no state to resume.
+    """
+    n_rehearsal = rehearsal_count(ratio, n_examples)
+    rows = task.take(n_examples - n_rehearsal) + (rehearsal.take(n_rehearsal) if n_rehearsal else [])
+    order = np.random.default_rng([seed, step]).permutation(len(rows))
+    return [rows[i] for i in order]

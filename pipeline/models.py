@@ -67,6 +67,8 @@ def quiet_transformers() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="bitsandbytes")
     warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)
+    # peft still calls the gradient_checkpointing_* names that transformers 5 deprecates.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*", category=FutureWarning)
 
 
 def builtin_gguf(name: str) -> Path:
@@ -238,10 +240,26 @@ def load_model(model_dir: Path, device: torch.device, precision: str, *, quantiz
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as e:
         raise PipelineError(f"{model_dir}: cannot load model: {' '.join(str(e).split())[:300]}") from e
+    if quantize:
+        _disable_cpu_weight_repacking(model)
     model.eval()
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
+
+
+def _disable_cpu_weight_repacking(model) -> None:
+    """[cpu repacking note] On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place the
+    first time it runs in eval mode without grad, and from then on uses another kernel - also in training,
+    where that kernel has no backward. Teacher and student would then compute differently (measured on
+    SmolLM2-135M: KL 0.001 per token between the two kernels) and a student evaluated mid-run would lose
+    gradients through the frozen weights. One kernel for everything: never repack.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: str, gradient_checkpointing: bool):

@@ -1,0 +1,292 @@
+"""Reading a cache: verify it, then stream its rows without loading the whole cache into memory.
+
+`open_cache` checks everything a training run relies on before any model work starts: the manifest
+parses, every listed shard exists with its recorded checksum, no unlisted shard lies beside them, and
+(`check_compatible`) the cache was made by the same model and tokenizer with the same settings.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.cache import FORMAT_VERSION, MANIFEST
+from pipeline.errors import PipelineError
+from pipeline.fileio import TMP_MARK, read_json, sha256_file
+
+
+@dataclass
+class CachedRow:
+    """One cached example. Shapes: input_ids/loss_mask (T,), target_ids/target_logprobs (n, k), n = loss_mask.sum()."""
+
+    example_id: str
+    role: str
+    split: str
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    target_ids: np.ndarray
+    target_logprobs: np.ndarray
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text[:12] + "…" if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else repr(value)
+
+
+class Cache:
+    """A verified cache directory. Use `open_cache`."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._files: dict[str, pq.ParquetFile] = {}
+        self._groups: OrderedDict[tuple[str, int], list[CachedRow]] = OrderedDict()
+
+    # -- what is in it ----------------------------------------------------------------------------------------
+    @property
+    def top_k(self) -> int:
+        return int(self.manifest["top_k"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest["temperature"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this cache's content: the checksums of its shards."""
+        import hashlib
+
+        return hashlib.sha256("".join(s["sha256"] for s in self.manifest["shards"]).encode()).hexdigest()
+
+    def shards(self, role: str, split: str) -> list[dict]:
+        return [s for s in self.manifest["shards"] if s["role"] == role and s["split"] == split]
+
+    def count(self, role: str, split: str) -> int:
+        return sum(s["rows"] for s in self.shards(role, split))
+
+    def row_groups(self, role: str, split: str) -> list[tuple[str, int, int]]:
+        """(file, row group index, rows) of one part, in storage order."""
+        out = []
+        for s in self.shards(role, split):
+            meta = self._file(s["file"]).metadata
+            out += [(s["file"], g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        return out
+
+    def check_compatible(self, *, model_fingerprint: str, tokenizer_fingerprint: str, max_length: int | None = None,
+                         top_k: int | None = None, temperature: float | None = None) -> None:
+        """Refuse a cache made by another model/tokenizer or with other settings, naming the field and both values."""
+        m = self.manifest
+        checks = [("teacher.fingerprint", m["teacher"]["fingerprint"], model_fingerprint, "model"),
+                  ("tokenizer", m["tokenizer"], tokenizer_fingerprint, "tokenizer")]
+        for name, asked in (("max_length", max_length), ("top_k", top_k), ("temperature", temperature)):
+            if asked is not None:
+                checks.append((name, m[name], asked, "setting"))
+        for name, have, want, what in checks:
+            if have != want:
+                hint = {"model": f"it was made from {m['teacher'].get('model')!r}; pass that --model or rebuild "
+                                 "the cache", "tokenizer": "rebuild the cache with this model",
+                        "setting": "omit the flag to use the cache's value, or rebuild the cache"}[what]
+                raise PipelineError(f"{self.path}: {name} differs: cache has {_short(have)}, asked for {_short(want)} "
+                                    f"({hint})")
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def _file(self, name: str) -> pq.ParquetFile:
+        if name not in self._files:
+            try:
+                self._files[name] = pq.ParquetFile(self.path / name)
+            except (OSError, pa.ArrowException) as e:
+                raise PipelineError(f"{self.path / name}: unreadable shard ({e})") from e
+        return self._files[name]
+
+    def read_group(self, name: str, group: int, keep: int = 16) -> list[CachedRow]:
+        """Decode one row group (memoised: the last `keep` groups stay in memory)."""
+        key = (name, group)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        try:
+            table = self._file(name).read_row_group(group)
+        except (OSError, pa.ArrowException) as e:
+            raise PipelineError(f"{self.path / name}: unreadable shard ({e})") from e
+        rows = rows_from_table(table)
+        self._groups[key] = rows
+        while len(self._groups) > keep:
+            self._groups.popitem(last=False)
+        return rows
+
+    def iter_rows(self, role: str, split: str) -> Iterator[CachedRow]:
+        """Every row of one part, in storage order (sorted by length: good batches for evaluation)."""
+        for name, group, _ in self.row_groups(role, split):
+            yield from self.read_group(name, group, keep=1)
+
+
+def _offsets(arr: pa.Array) -> np.ndarray:
+    return arr.offsets.to_numpy()
+
+
+def rows_from_table(table: pa.Table) -> list[CachedRow]:
+    """Turn a decoded Parquet table into CachedRows with numpy arrays (no per-value Python objects)."""
+    table = table.combine_chunks()
+    ids_col = table.column("input_ids").chunk(0)
+    mask_col = table.column("loss_mask").chunk(0)
+    tid_col = table.column("target_token_ids").chunk(0)
+    tlp_col = table.column("target_logprobs").chunk(0)
+    id_off, pos_off = _offsets(ids_col), _offsets(tid_col)
+    flat_ids = ids_col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    flat_mask = mask_col.values.to_numpy(zero_copy_only=False)
+    inner_ids, inner_lps = tid_col.values, tlp_col.values  # list<T> per response position
+    k = int(inner_ids.value_lengths()[0].as_py()) if len(inner_ids) else 0
+    tok_ids = inner_ids.values.to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, k) if k else \
+        np.zeros((0, 0), np.int64)
+    tok_lps = inner_lps.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k) if k else \
+        np.zeros((0, 0), np.float32)
+    example_ids = table.column("example_id").to_pylist()
+    roles = table.column("role").to_pylist()
+    splits = table.column("split").to_pylist()
+    rows = []
+    for i in range(table.num_rows):
+        a, b = id_off[i], id_off[i + 1]
+        p, q = pos_off[i], pos_off[i + 1]
+        rows.append(CachedRow(example_ids[i], roles[i], splits[i], flat_ids[a:b], flat_mask[a:b],
+                              tok_ids[p:q], tok_lps[p:q]))
+    return rows
+
+
+def open_cache(path: str | Path, *, verify: bool = True) -> Cache:
+    """Open and verify a cache directory (manifest, shard list, checksums).
+
+    Raises:
+        PipelineError: naming the file, for a missing/unparsable manifest, a missing, unlisted, truncated or
+            modified shard.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise PipelineError(f"{path}: no such cache directory (run pipeline cache-teacher --out {path})")
+    if not (path / MANIFEST).exists():
+        partial = sorted(path.glob("shard-*.parquet"))
+        hint = "an unfinished cache: rerun the same cache-teacher command to finish it" if partial else \
+            "not a cache directory"
+        raise PipelineError(f"{path / MANIFEST}: missing ({hint})")
+    manifest = read_json(path / MANIFEST, "cache manifest")
+    required = ("format_version", "teacher", "tokenizer", "max_length", "top_k", "temperature", "shards")
+    if not isinstance(manifest, dict) or any(k not in manifest for k in required):
+        raise PipelineError(f"{path / MANIFEST}: not a cache manifest (missing fields)")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise PipelineError(f"{path / MANIFEST}: format_version {manifest['format_version']} is not supported "
+                            f"(this pipeline reads {FORMAT_VERSION}); rebuild the cache")
+    listed = {s["file"] for s in manifest["shards"]}
+    for p in sorted(path.glob("shard-*.parquet")):
+        if p.name not in listed and TMP_MARK not in p.name:
+            raise PipelineError(f"{p}: shard not listed in the manifest (left from another run?); remove it or "
+                                "rebuild the cache")
+    for s in manifest["shards"]:
+        shard = path / s["file"]
+        if not shard.is_file():
+            raise PipelineError(f"{shard}: shard listed in the manifest is missing; rerun cache-teacher to rebuild it")
+        if verify:
+            if shard.stat().st_size != s["bytes"]:
+                raise PipelineError(f"{shard}: size {shard.stat().st_size} differs from the manifest's {s['bytes']} "
+                                    "(truncated or modified); rerun cache-teacher on this directory to redo it")
+            if sha256_file(shard) != s["sha256"]:
+                raise PipelineError(f"{shard}: checksum differs from the manifest (corrupted or modified); rerun "
+                                    "cache-teacher on this directory to redo it")
+    return Cache(path, manifest)
+
+
+class RowStream:
+    """An endless, seeded, shuffled stream over the rows of one part of a cache.
+
+    Each epoch permutes the row groups, then shuffles rows within windows of `window` consecutive row
+    groups (a window is decoded at a time, so memory stays bounded). The state is (epoch, position),
+    so a resumed run continues exactly where the checkpoint was taken.
+    """
+
+    def __init__(self, cache: Cache, role: str, split: str, seed: int, window: int = 8):
+        self.cache, self.role, self.seed, self.window = cache, role, seed, window
+        self.groups = cache.row_groups(role, split)
+        self.size = sum(n for _, _, n in self.groups)
+        self.epoch, self.pos = 0, 0
+        self._order: list[tuple[int, int]] = []
+        self._order_epoch = -1
+
+    def _epoch_order(self) -> list[tuple[int, int]]:
+        if self._order_epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, 0 if self.role == "task" else 1, self.epoch])
+            perm = rng.permutation(len(self.groups))
+            order: list[tuple[int, int]] = []
+            for start in range(0, len(perm), self.window):
+                window = [(int(g), r) for g in perm[start:start + self.window] for r in range(self.groups[g][2])]
+                order += [window[i] for i in rng.permutation(len(window))]
+            self._order, self._order_epoch = order, self.epoch
+        return self._order
+
+    def take(self, n: int) -> list[CachedRow]:
+        if n and not self.size:
+            raise PipelineError(f"{self.cache.path}: no {self.role} training rows in the cache")
+        out = []
+        while len(out) < n:
+            order = self._epoch_order()
+            g, r = order[self.pos]
+            name, group, _ = self.groups[g]
+            out.append(self.cache.read_group(name, group, keep=2 * self.window)[r])
+            self.pos += 1
+            if self.pos == len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+@dataclass
+class TrainBatch:
+    """A collated micro-batch. (B, T) tensors, and (N, k) teacher targets for the N response tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    teacher_ids: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    is_rehearsal: torch.Tensor  # (N,) bool: the token belongs to a rehearsal example
+    n_rehearsal_examples: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.teacher_ids.shape[0])
+
+    def to(self, device: torch.device) -> TrainBatch:
+        return TrainBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask,
+                                                    self.teacher_ids, self.teacher_logprobs, self.is_rehearsal)),
+                          self.n_rehearsal_examples)
+
+
+def collate_rows(rows: Sequence[CachedRow], pad_id: int) -> TrainBatch:
+    """Right-pad rows into a batch; teacher targets concatenated in row-major response order."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    att = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n], att[i, :n], mask[i, :n] = r.input_ids, 1, r.loss_mask
+    reh = np.concatenate([np.full(len(r.target_ids), r.role == "rehearsal") for r in rows])
+    return TrainBatch(torch.from_numpy(ids), torch.from_numpy(att), torch.from_numpy(mask),
+                      torch.from_numpy(np.concatenate([r.target_ids for r in rows])),
+                      torch.from_numpy(np.concatenate([r.target_logprobs for r in rows])),
+                      torch.from_numpy(reh), sum(r.role == "rehearsal" for r in rows))
+
+
+def describe(cache: Cache) -> str:
+    parts = ", ".join(f"{k} {v}" for k, v in cache.manifest.get("totals", {}).get("examples_by_part", {}).items())
+    return f"{cache.path} ({parts}; top_k {cache.top_k}, T {cache.temperature})"
+
