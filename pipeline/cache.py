@@ -337,6 +337,7 @@ def build_cache(cfg: CacheConfig, *, rank: int = 0, world_size: int = 1, barrier
     computed = sum(len(p.rows) for p in todo)
     if todo:
         model = load_model(model_dir, device, precision)
+        crash_point("model_loaded")
         head = output_head(model)
         _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, out, cfg, device, precision, id_type)
     if barrier is not None:
@@ -384,6 +385,7 @@ def _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, o
                 bar.update(len(batch_rows))
                 dt = max(time.perf_counter() - t_start, 1e-9)
                 bar.set_postfix_str(f"{n_tokens / dt:.0f} tok/s, {n_resp / dt:.0f} resp tok/s", refresh=False)
+                crash_point("teacher_batch")
             table = shard_table(rows, np.concatenate(row_ids), np.concatenate(row_lps), id_type)
             meta = {"settings": settings, "index": plan.index, "role": plan.role, "split": plan.split,
                     "rows": len(rows), "ids_sha256": _ids_digest([r.id for r in rows])}

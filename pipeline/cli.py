@@ -18,6 +18,11 @@ import click
 from pipeline import __version__
 from pipeline.config import (
     CacheConfig,
+    EvalConfig,
+    GenerateConfig,
+    MergeConfig,
+    RehearsalConfig,
+    SweepConfig,
     TrainConfig,
     load_config,
 )
@@ -139,3 +144,105 @@ def train_cmd(config_file: str | None, **flags) -> None:
     result = train(cfg)
     click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
+
+
+@main.command("evaluate")
+@config_options(EvalConfig)
+@user_errors
+def evaluate_cmd(config_file: str | None, **flags) -> None:
+    """Score an adapter (or, without --adapter, the base model) on the cache's held-out rows, as JSON:
+    task CE and exact match (what it learned), KL(base || tuned) and CE on general data (what it forgot).
+
+    \b
+    Example:
+      pipeline evaluate --cache runs/demo/cache --adapter runs/demo/sweep/kd_lambda=0.5/adapter --out eval.json
+    """
+    from pipeline.evaluate import dumps, evaluate
+
+    cfg = load_config(EvalConfig, config_file, flags)
+    click.echo(dumps(evaluate(cfg)))
+
+
+@main.command("sweep")
+@config_options(SweepConfig, TrainConfig, skip=("resume", "overwrite"))
+@user_errors
+def sweep_cmd(config_file: str | None, **flags) -> None:
+    """Train + evaluate several settings from ONE cache (the teacher is never rerun), then write OUT/report.md
+    and OUT/tradeoff.png. Any train flag sets the fixed part of every run. Rerun to resume.
+
+    \b
+    Examples:
+      pipeline sweep --cache runs/demo/cache --out runs/demo/sweep --lambdas 0,0.5,1 --max-steps 60
+      pipeline sweep --cache runs/demo/cache --out runs/rank --grid lora_r=4,8,16 --kd-lambda 0.5
+    """
+    from dataclasses import fields as dc_fields
+
+    from pipeline.config import section_values
+    from pipeline.sweep import sweep
+
+    sweep_names = {f.name for f in dc_fields(SweepConfig)}
+    train_names = {f.name for f in dc_fields(TrainConfig)} - sweep_names
+    cfg = load_config(SweepConfig, config_file, {k: v for k, v in flags.items() if k in sweep_names})
+    fixed = section_values(config_file, "train")
+    fixed.update({k: v for k, v in flags.items() if k in train_names and v is not None})
+    eval_cfg = load_config(EvalConfig, config_file, {"cache": cfg.cache, "limit": cfg.eval_limit})
+    command = "pipeline sweep " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["sweep"] else "pipeline sweep"
+    rows = sweep(cfg, fixed, eval_cfg, command=command)
+    from pipeline.evaluate import report_table
+
+    click.echo(report_table(rows))
+    click.echo(f"report: {cfg.out}/report.md, plot: {cfg.out}/tradeoff.png")
+
+
+@main.command("make-rehearsal")
+@config_options(RehearsalConfig)
+@user_errors
+def make_rehearsal_cmd(config_file: str | None, **flags) -> None:
+    """Let the base model answer general prompts and write them as rehearsal data (JSONL) for cache-teacher.
+    Samples at temperature 1 by default (keeps the base distribution); --greedy sharpens it. Rerun to resume.
+
+    \b
+    Example:
+      pipeline make-rehearsal --prompts data/demo/general_prompts_train.jsonl --out runs/demo/rehearsal_train.jsonl
+    """
+    from pipeline.generate import make_rehearsal
+
+    cfg = load_config(RehearsalConfig, config_file, flags)
+    for line in make_rehearsal(cfg).lines():
+        click.echo(line)
+
+
+@main.command("generate")
+@config_options(GenerateConfig)
+@user_errors
+def generate_cmd(config_file: str | None, **flags) -> None:
+    """Answer prompts with the base model plus an adapter (chat template applied).
+
+    \b
+    Examples:
+      pipeline generate --adapter runs/demo/sweep/kd_lambda=0.5/adapter --prompt "What is the capital of France?"
+      pipeline generate --adapter run/adapter --prompts data/templates/prompts.jsonl --out answers.jsonl
+    """
+    from pipeline.generate import generate
+
+    cfg = load_config(GenerateConfig, config_file, flags)
+    records = generate(cfg)
+    if not cfg.out:
+        for r in records:
+            click.echo(json.dumps(r, ensure_ascii=False))
+
+
+@main.command("merge")
+@config_options(MergeConfig)
+@user_errors
+def merge_cmd(config_file: str | None, **flags) -> None:
+    """Merge the adapter into a full-precision copy of the base model and save a plain Hugging Face model.
+
+    \b
+    Example:
+      pipeline merge --adapter runs/demo/sweep/kd_lambda=0.5/adapter --out runs/demo/merged
+    """
+    from pipeline.models import merge_adapter
+
+    cfg = load_config(MergeConfig, config_file, flags)
+    click.echo(f"merged model: {merge_adapter(cfg.model, cfg.adapter, cfg.out, cfg.dtype)}")

@@ -152,6 +152,8 @@ class SweepConfig(CommonConfig):
     lambdas: list[float] = opt([], "Comma-separated kd_lambda values, e.g. 0,0.5,1.")
     grid: list[str] = opt([], "key=v1,v2 over any train setting (repeatable), e.g. lora_r=4,8,16.", repeat=True)
     runs: list[dict] = opt([], "Extra runs, each a mapping of train settings (config file only).")
+    eval_limit: int | None = opt(None, "Score at most N examples of each eval set per run (overrides evaluate.limit).",
+                                 positive=True)
 
 
 @dataclass

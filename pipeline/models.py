@@ -339,3 +339,37 @@ def eval_mode(model) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def merge_adapter(model_name: str, adapter: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """Fold a LoRA adapter into a full-precision copy of the base and save a plain HF model directory.
+
+    The base is loaded unquantised (the adapter was trained on its 4-bit version; merging into the full
+    weights is the standard QLoRA deployment path). Written to a temporary directory, then renamed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.fileio import replace_dir
+
+    quiet_transformers()
+    model_dir = resolve_model(model_name)
+    tokenizer = load_tokenizer(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    from pipeline.generate import load_adapter
+
+    merged = load_adapter(base, adapter).merge_and_unload()
+    merged = merged.to(getattr(torch, dtype))
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PipelineError(f"{out}: not empty; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}{TMP_MARK}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PipelineError(f"{out}: cannot write merged model: {e.strerror or e}") from e
+    return out

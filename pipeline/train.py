@@ -108,6 +108,22 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
+def check_resume_settings(cfg: TrainConfig, out: Path) -> None:
+    """A resumed run must continue with the settings it started with (else the result is neither run)."""
+    run_yaml = out / "run.yaml"
+    if not cfg.resume or not run_yaml.exists():
+        return
+    try:
+        have = (yaml.safe_load(run_yaml.read_text()) or {}).get("config", {})
+    except yaml.YAMLError:
+        return
+    want = to_dict(cfg)
+    for key in sorted(set(have) | set(want)):
+        if key not in ("resume", "overwrite") and have.get(key) != want.get(key):
+            raise PipelineError(f"{out}: --resume with other settings: {key} was {have.get(key)!r}, now "
+                                f"{want.get(key)!r}; resume with the same settings or use --overwrite")
+
+
 def setup(cfg: TrainConfig, log=print) -> Run:
     cache = open_cache(cfg.cache)
     model_dir = resolve_model(cfg.model)
@@ -122,6 +138,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if cfg.rehearsal_ratio < 1 and n_task == 0:
         raise PipelineError(f"{cache.path}: the cache has no task training rows (--task-train)")
     out = prepare_out_dir(cfg)
+    check_resume_settings(cfg, out)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if precision != cache.manifest.get("precision"):

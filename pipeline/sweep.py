@@ -1,0 +1,172 @@
+"""`pipeline sweep`: train + evaluate several settings from ONE cache, then write report.md and tradeoff.png.
+
+The teacher is never run here: every run trains against the same cached targets, which is what makes a
+lambda sweep cost only training. The base model is evaluated once as the baseline row. An interrupted
+sweep resumes: finished runs (eval.json written) are kept, a run with checkpoints continues from them.
+
+    OUT/
+      base/eval.json
+      <run name>/{adapter/, metrics.jsonl, run.yaml, checkpoints/, eval.json}
+      report.md, tradeoff.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+import json
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from pipeline.cache import settings_differences
+from pipeline.config import EvalConfig, SweepConfig, TrainConfig, _coerce, load_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.evaluate import evaluate, plot_tradeoff, write_report
+from pipeline.fileio import read_json
+from pipeline.reader import open_cache
+from pipeline.train import train
+
+# Train settings that a sweep sets itself, per run.
+PER_RUN = ("cache", "out", "resume", "overwrite")
+EVAL_KEYS = ("max_new_tokens", "task_score", "limit")
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    overrides: dict
+
+
+def _fmt_value(v: object) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def plan_runs(cfg: SweepConfig) -> list[PlannedRun]:
+    """The runs of a sweep: the product of --lambdas and every --grid axis, then the config's extra `runs`."""
+    train_fields = {f.name for f in fields(TrainConfig)} - set(PER_RUN)
+    hints = typing.get_type_hints(TrainConfig)
+    problems: list[str] = []
+    axes: list[tuple[str, list]] = []
+    if cfg.lambdas:
+        axes.append(("kd_lambda", list(cfg.lambdas)))
+    for spec in cfg.grid:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not values.strip():
+            problems.append(f"--grid {spec!r}: expected key=v1,v2")
+        elif key not in train_fields:
+            problems.append(f"--grid {spec!r}: {key!r} is not a train setting")
+        else:
+            axes.append((key, [_coerce(v.strip(), hints[key], f"--grid {key}", problems) for v in values.split(",")]))
+    runs = []
+    if axes:
+        for combo in itertools.product(*(values for _, values in axes)):
+            overrides = {k: v for (k, _), v in zip(axes, combo, strict=True)}
+            runs.append(PlannedRun(",".join(f"{k}={_fmt_value(v)}" for k, v in overrides.items()), overrides))
+    for i, extra in enumerate(cfg.runs):
+        extra = dict(extra)
+        name = str(extra.pop("name", "")) or ",".join(f"{k}={_fmt_value(v)}" for k, v in extra.items())
+        for k, v in extra.items():
+            if k not in train_fields:
+                problems.append(f"sweep.runs[{i}].{k}: not a train setting")
+            else:
+                extra[k] = _coerce(v, hints[k], f"sweep.runs[{i}].{k}", problems)
+        runs.append(PlannedRun(name, extra))
+    names = [r.name for r in runs]
+    for n in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"two runs are both named {n!r}")
+    if not runs:
+        problems.append("nothing to sweep: give --lambdas, --grid key=v1,v2 or sweep.runs in the config")
+    if any("/" in n or n in ("", ".", "..", "base") for n in names):
+        problems.append("run names must not contain '/' or be 'base'")
+    if problems:
+        raise ConfigError(problems)
+    return runs
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    return {k: v for k, v in cfg_dict.items() if k not in ("resume", "overwrite")}
+
+
+def _finished(run_dir: Path, want: TrainConfig) -> bool:
+    """True if run_dir holds a finished run with exactly these settings; refuse one trained otherwise."""
+    run_yaml = run_dir / "run.yaml"
+    if not run_yaml.exists():
+        return False
+    try:
+        doc = yaml.safe_load(run_yaml.read_text())
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{run_yaml}: unreadable ({e}); delete {run_dir} to redo this run") from e
+    have = _comparable(doc.get("config", {}))
+    diffs = settings_differences(have, _comparable(dataclasses.asdict(want)), keys=sorted(set(have) | set(
+        _comparable(dataclasses.asdict(want)))))
+    if diffs:
+        raise PipelineError(f"{run_dir}: trained with other settings ({diffs[0].replace('cache has', 'run has')}); "
+                            "use another sweep --out or delete that run")
+    return doc.get("status") == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def _eval_current(path: Path, eval_cfg: EvalConfig) -> dict | None:
+    """A previous eval.json if it was made with the same evaluation settings."""
+    if not path.is_file():
+        return None
+    try:
+        report = read_json(path, "evaluation report")
+    except PipelineError:
+        return None
+    settings = report.get("settings", {})
+    if any(settings.get(k) != getattr(eval_cfg, k) for k in EVAL_KEYS):
+        return None
+    return report
+
+
+def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command: str, log=print) -> list[dict]:
+    """Run the sweep (see the module docstring); returns one summary row per run, base first."""
+    runs = plan_runs(cfg)
+    cache = open_cache(cfg.cache)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = {"model": cfg.model, "seed": cfg.seed, "precision": cfg.precision, "device": cfg.device}
+    rows: list[dict] = []
+
+    base_path = out / "base" / "eval.json"
+    report = _eval_current(base_path, eval_cfg)
+    if report is None:
+        log("== base model (the baseline row)")
+        report = evaluate(dataclasses.replace(eval_cfg, **shared, cache=str(cache.path), adapter=None,
+                                              out=str(base_path)), log=log)
+    rows.append({"name": "base", "kd_lambda": None, "rehearsal_ratio": None, "kd_on": None, "eval": report,
+                 "train_seconds": 0.0})
+
+    for i, run in enumerate(runs, start=1):
+        run_dir = out / run.name
+        try:
+            train_cfg = load_config(TrainConfig, None, {**fixed_train, **shared, **run.overrides,
+                                                        "cache": str(cache.path), "out": str(run_dir)})
+        except ConfigError as e:
+            raise ConfigError([f"run {run.name}: {p}" for p in e.problems]) from None
+        eval_path = run_dir / "eval.json"
+        done = _finished(run_dir, train_cfg)
+        report = _eval_current(eval_path, eval_cfg) if done else None
+        if report is None:
+            if not done:
+                log(f"== run {i}/{len(runs)}: {run.name}")
+                train(dataclasses.replace(train_cfg, resume=run_dir.exists()), log=log)
+                gc.collect()
+            report = evaluate(dataclasses.replace(eval_cfg, **shared, cache=str(cache.path),
+                                                  adapter=str(run_dir / "adapter"), out=str(eval_path)), log=log)
+            gc.collect()
+        else:
+            log(f"== run {i}/{len(runs)}: {run.name} (finished earlier, kept)")
+        summary = yaml.safe_load((run_dir / "run.yaml").read_text()).get("summary", {})
+        rows.append({"name": run.name, "kd_lambda": train_cfg.kd_lambda, "rehearsal_ratio": train_cfg.rehearsal_ratio,
+                     "kd_on": train_cfg.kd_on, "eval": report, "train_seconds": summary.get("train_seconds")})
+
+    write_report(out, rows, command=command)
+    plot_tradeoff(out, rows)
+    (out / "rows.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    return rows
