@@ -3,6 +3,7 @@
 #
 #   ./run_all.sh          set up .venv if missing, then run the main job end to end on the built-in
 #                         model (SmolLM2-135M-Instruct) and the demo data
+#   ./run_all.sh --quick  the same main job on a slice of the data (a few minutes)
 #   ./run_all.sh test     set up .venv if missing, then run ruff and the test suite
 #   ./run_all.sh setup    only create/refresh .venv
 #
@@ -39,15 +40,42 @@ run_tests() {
 }
 
 main_job() {
-    local P="$VENV/bin/pipeline" OUT=${OUT:-runs/demo}
+    # The demo, end to end on the built-in model: teach SmolLM2-135M-Instruct to extract
+    # medication/dose/frequency from clinical notes, and measure how much general behaviour it forgets
+    # for each distillation weight. Every step skips what an earlier run already finished.
+    local quick=${1:-} P="$VENV/bin/pipeline" OUT=runs/demo CONFIG=configs/demo.yaml DATA=data/demo
+    if [[ $quick == quick ]]; then
+        # A few-minute variant: the same steps on a slice of the data, fewer training steps.
+        OUT=runs/demo-quick CONFIG=configs/demo-quick.yaml DATA=runs/demo-quick/data
+        mkdir -p "$DATA"
+        head -n 160 data/demo/task_train.jsonl >"$DATA/task_train.jsonl"
+        head -n 40 data/demo/task_eval.jsonl >"$DATA/task_eval.jsonl"
+        head -n 48 data/demo/general_prompts_train.jsonl >"$DATA/general_prompts_train.jsonl"
+        head -n 16 data/demo/general_prompts_eval.jsonl >"$DATA/general_prompts_eval.jsonl"
+    fi
     mkdir -p "$OUT"
-    # Stage 1: run the frozen 4-bit teacher once over the demo corpus, store its top-k log-probs.
-    "$P" cache-teacher --config configs/demo.yaml --out "$OUT/cache"
+    local t0=$SECONDS
+
+    # 1. No general instruction data at hand: the base model answers general prompts itself
+    #    (sampled at temperature 1, which keeps its distribution); these become the rehearsal data.
+    "$P" make-rehearsal --config "$CONFIG" --prompts "$DATA/general_prompts_train.jsonl" --out "$OUT/rehearsal_train.jsonl"
+    "$P" make-rehearsal --config "$CONFIG" --prompts "$DATA/general_prompts_eval.jsonl" --out "$OUT/rehearsal_eval.jsonl"
+
+    # 2. Stage one: run the frozen 4-bit teacher once over everything, store its top-k log-probs.
+    "$P" cache-teacher --config "$CONFIG" --task-train "$DATA/task_train.jsonl" --task-eval "$DATA/task_eval.jsonl" \
+        --rehearsal-train "$OUT/rehearsal_train.jsonl" --rehearsal-eval "$OUT/rehearsal_eval.jsonl" --out "$OUT/cache"
+
+    # 3. Stage two, several times from the same cache: lambda in {0, 0.5, 1} with 30% rehearsal, plus
+    #    plain QLoRA (no rehearsal, no distillation) as the forgetting baseline; each run is evaluated.
+    "$P" sweep --config "$CONFIG" --cache "$OUT/cache" --out "$OUT/sweep"
+
+    echo "main job done in $((SECONDS - t0)) s: $OUT/sweep/report.md, $OUT/sweep/tradeoff.png"
 }
 
 case "${1:-main}" in
     setup) setup ;;
     test) setup; shift; run_tests "$@" ;;
     main) setup; main_job ;;
-    *) echo "usage: ./run_all.sh [setup|test [pytest args]]" >&2; exit 2 ;;
+    quick|--quick) setup; main_job quick ;;
+    *) echo "usage: ./run_all.sh [--quick | test [pytest args] | setup]" >&2; exit 2 ;;
 esac

@@ -9,6 +9,7 @@ expectation, while greedy answers sharpen it (DESIGN.md section 3).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -52,6 +53,27 @@ def load_for_inference(model_name: str, device_name: str, precision_name: str, a
     return model, tokenizer, device, precision
 
 
+class InverseCdfSampler:
+    """A logits processor that samples from softmax(scores / T) and leaves only the sampled token finite, so
+    that greedy decoding emits it.
+
+    [sampling note] transformers samples with torch.multinomial, which draws one exponential per vocabulary
+    entry: 66 ms per decoding step for 64 x 49152 on 2 CPU cores, more than the model's own step. Inverse-CDF
+    sampling (one uniform per row, a cumulative sum, a binary search) draws from the same distribution in
+    5 ms. No top-k/top-p truncation: make-rehearsal wants the model's full distribution.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        cdf = probs.cumsum(dim=-1)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
+        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
                    device: torch.device, precision: str) -> list[list[int]]:
@@ -66,14 +88,17 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
     for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
         ids[i, width - len(p):] = torch.tensor(p)
         att[i, width - len(p):] = 1
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else \
-        {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    from transformers import LogitsProcessorList
+
+    processors = LogitsProcessorList([InverseCdfSampler(temperature)] if temperature > 0 else [])
+    greedy = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
         model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
     eos.discard(None)
     with autocast(device, precision):
         out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=sorted(eos), use_cache=True, **sampling)
+                             pad_token_id=pad, eos_token_id=sorted(eos), use_cache=True, logits_processor=processors,
+                             **greedy)
     results = []
     for row in out[:, width:].tolist():
         cut = next((j for j, t in enumerate(row) if t in eos), None)

@@ -172,3 +172,15 @@ def test_merge_matches_base_plus_adapter(tiny_model_dir, eval_cache, tmp_path):
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
     assert (merged - plain).abs().max() > 1e-4
     assert (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    from pipeline.generate import InverseCdfSampler
+
+    torch.manual_seed(0)
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, -30.0])
+    for temperature in (1.0, 0.5):
+        out = InverseCdfSampler(temperature)(None, logits.repeat(40000, 1))
+        assert torch.isfinite(out).sum(-1).eq(1).all()  # exactly one finite score per row: greedy picks it
+        freq = torch.bincount(out.argmax(-1), minlength=5).float() / 40000
+        torch.testing.assert_close(freq, torch.softmax(logits / temperature, -1), atol=0.01, rtol=0)
