@@ -15,6 +15,7 @@ even before the manifest exists.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import __version__
+from pipeline import __version__, distributed
 from pipeline.config import CacheConfig
 from pipeline.data import ROLES, SPLITS, Tokenized, collate, length_batches, padding_waste, read_jsonl, tokenize_example
 from pipeline.errors import PipelineError
@@ -160,8 +161,10 @@ def _nested(values: np.ndarray, n_per_row: np.ndarray) -> pa.ListArray:
 def write_shard(path: Path, table: pa.Table, meta: dict) -> None:
     """Write one shard crash-safely (tmp name, fsync, rename), zstd-compressed, metadata embedded."""
     table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(meta, ensure_ascii=False).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", compression_level=3, row_group_size=ROW_GROUP_SIZE,
+    # Our own file object, closed on any error: pyarrow leaves the file it opened open when a write fails
+    # (a full disk), and the deleted temporary file would hold its space until garbage collection.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd", compression_level=3, row_group_size=ROW_GROUP_SIZE,
                        use_byte_stream_split=["target_logprobs.list.element.list.element"])
 
 
@@ -252,7 +255,8 @@ def prepare(cfg: CacheConfig, tokenizer, log=print) -> tuple[list[Tokenized], di
         records.append({"path": str(Path(path).resolve()), "sha256": sha256_file(Path(path)), "role": role,
                         "split": split, "examples": len(exs), "skipped_bad_lines": len(stats.skipped)})
     if not examples:
-        raise PipelineError("no examples left to cache after validation and truncation")
+        raise PipelineError(f"no examples left to cache: {counts['skipped_too_long']} skipped because the prompt "
+                            f"fills max_length={cfg.max_length}, {counts['skipped_bad_lines']} bad lines skipped")
     return examples, records, dict(counts)
 
 
@@ -260,7 +264,9 @@ def check_out_dir(out: Path, settings: dict) -> dict | None:
     """Refuse an output directory that holds something else or a cache made with other settings.
 
     Returns:
-        The existing manifest if there is one (with matching settings), else None.
+        The existing manifest if there is one that parses (with matching settings), else None. A damaged
+        manifest is not an error here: it is rewritten at the end, and the shards are judged by their own
+        embedded settings meanwhile.
     """
     if not out.exists():
         return None
@@ -270,90 +276,131 @@ def check_out_dir(out: Path, settings: dict) -> dict | None:
     foreign = [n for n in names if n != MANIFEST and not (n.startswith("shard-") and n.endswith(".parquet"))]
     if foreign:
         raise PipelineError(f"{out}: not empty and not a cache directory (found {foreign[0]}); choose another --out")
-    existing = None
+    manifest = None
     if MANIFEST in names:
-        existing = read_json(out / MANIFEST, "cache manifest")
-    else:
+        with contextlib.suppress(PipelineError):
+            manifest = read_json(out / MANIFEST, "cache manifest")
+        if not isinstance(manifest, dict):
+            manifest = None
+    existing = manifest
+    if existing is None:
         for n in sorted(names):
-            existing = read_shard_meta(out / n)
-            if existing is not None:
-                existing = existing["settings"]
+            meta = read_shard_meta(out / n) if n != MANIFEST else None
+            if meta is not None and isinstance(meta.get("settings"), dict):
+                existing = meta["settings"]
                 break
     if existing is not None:
         diffs = settings_differences(existing, settings)
         if diffs:
             raise PipelineError(f"{out}: holds a cache made with other settings ({describe_differences(diffs)}); "
                                 "use another --out or delete it")
-    return existing if MANIFEST in names else None
+    return manifest
 
 
-def build_cache(cfg: CacheConfig, *, rank: int = 0, world_size: int = 1, barrier=None, log=print) -> CacheSummary:
-    """Run cache-teacher end to end (see the module docstring). Returns the summary printed at the end."""
+def listed_checksums(manifest: dict | None) -> dict[str, str | None]:
+    """file -> sha256 of the shards an earlier run's manifest lists (tolerating a hand-edited manifest)."""
+    shards = manifest.get("shards") if manifest else None
+    if not isinstance(shards, list):
+        return {}
+    return {s.get("file"): s.get("sha256") for s in shards if isinstance(s, dict)}
+
+
+def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
+    """Run cache-teacher end to end (see the module docstring). Returns the summary printed at the end.
+
+    Under torchrun every rank plans the same shards and computes those with index % world_size == rank
+    (teacher data parallelism: each rank holds a copy of the model), so the shard files are those of a
+    single-process run; rank 0 writes the manifest once every rank is done.
+    """
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    model_dir = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_dir)
-    examples, input_records, counts = prepare(cfg, tokenizer, log)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0))
-    id_type = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "int32"
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "teacher": {"model": cfg.model, "fingerprint": model_fingerprint(model_dir)},
-        "quantization": quantization_settings(precision),
-        "precision": precision,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_length": cfg.max_length,
-        "top_k": cfg.top_k,
-        "temperature": cfg.temperature,
-        "inputs": input_records,
-        "storage": {"token_ids": id_type, "logprobs": cfg.logprob_dtype, "compression": "zstd"},
-        "shard_size": cfg.shard_size,
-        "batch_size": cfg.batch_size,
-        "skip_bad_lines": cfg.skip_bad_lines,
-    }
-    check_out_dir(out, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        remove_tmp_files(out)
+    rank, world = distributed.rank(), distributed.world_size()
+    log = log if rank == 0 else lambda *_: None  # every rank reads the same inputs: rank 0 alone reports
+    # A GGUF model is converted and the weights are hashed once per machine; the other ranks find the result.
+    model_dir = distributed.main_first(lambda: resolve_model(cfg.model))
+    fingerprint = distributed.main_first(lambda: model_fingerprint(model_dir))
+
+    def read_inputs() -> tuple[object, list[Tokenized], dict, dict, torch.device]:
+        tokenizer = load_tokenizer(model_dir)
+        examples, input_records, counts = prepare(cfg, tokenizer, log)
+        device = distributed.place(resolve_device(cfg.device))
+        precision = resolve_precision(cfg.precision, device)
+        vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0))
+        id_type = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "int32"
+        settings = {
+            "format_version": FORMAT_VERSION,
+            "teacher": {"model": cfg.model, "fingerprint": fingerprint},
+            "quantization": quantization_settings(precision),
+            "precision": precision,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "max_length": cfg.max_length,
+            "top_k": cfg.top_k,
+            "temperature": cfg.temperature,
+            "inputs": input_records,
+            "storage": {"token_ids": id_type, "logprobs": cfg.logprob_dtype, "compression": "zstd"},
+            "shard_size": cfg.shard_size,
+            "batch_size": cfg.batch_size,
+            "skip_bad_lines": cfg.skip_bad_lines,
+        }
+        check_out_dir(out, settings)
+        return tokenizer, examples, counts, settings, device
+
+    # Every rank reads and checks the inputs (cheap next to the teacher pass); a bad line stops all ranks alike.
+    tokenizer, examples, counts, settings, device = distributed.agree(read_inputs)
+    precision, id_type = settings["precision"], settings["storage"]["token_ids"]
+
+    def make_out_dir() -> None:
+        if distributed.is_main():
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # e.g. a read-only file system, or a path under a regular file
+                raise PipelineError(f"{out}: cannot create the cache directory: {e.strerror or e}") from e
+            remove_tmp_files(out)
+
+    # Rank 0 clears leftovers of a killed run before any rank starts writing its own temporary shards.
+    distributed.agree(make_out_dir)
 
     plans = plan_shards(examples, cfg.shard_size)
+    if len(plans) < world:  # the shard is the unit of work a rank takes
+        log(f"note: {len(plans)} shard(s) for {world} processes, so {world - len(plans)} of them idle; a smaller "
+            "--shard-size splits the work further")
     lengths = [len(e.input_ids) for e in examples]
     batches_of = {p.index: [[p.rows[i] for i in b] for b in length_batches([lengths[i] for i in p.rows],
                                                                             cfg.batch_size)] for p in plans}
+    # A shard an earlier run's manifest lists must still have the listed checksum: one modified after the
+    # manifest was written may still decode, and keeping it would launder the damage into a new manifest.
+    listed = listed_checksums(check_out_dir(out, settings))
     todo = []
     for p in plans:
-        if p.index % world_size != rank:
+        if p.index % world != rank:
             continue
         path = out / p.name
         meta = read_shard_meta(path) if path.exists() else None
         ids = [examples[i].id for i in p.rows]
         if (meta is not None and not settings_differences(meta.get("settings", {}), settings)
-                and meta.get("ids_sha256") == _ids_digest(ids) and shard_is_complete(path, meta, len(ids))):
+                and meta.get("ids_sha256") == _ids_digest(ids) and shard_is_complete(path, meta, len(ids))
+                and (p.name not in listed or listed[p.name] == sha256_file(path))):
             continue  # finished by an earlier run
         todo.append(p)
 
-    computed = sum(len(p.rows) for p in todo)
     if todo:
         model = load_model(model_dir, device, precision)
         crash_point("model_loaded")
         head = output_head(model)
         _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, out, cfg, device, precision, id_type)
-    if barrier is not None:
-        barrier()
+    distributed.wait_for_all()  # the manifest needs every rank's shards
+    (computed,) = distributed.all_reduce_sum([sum(len(p.rows) for p in todo)])
     waste = padding_waste([b for p in plans for b in batches_of[p.index]], lengths)
     summary_counts = {**counts, "response_tokens": sum(sum(e.loss_mask) for e in examples)}
-    if rank == 0:
+    total_bytes = 0
+    if distributed.is_main():
         manifest = write_manifest(out, settings, plans, examples, summary_counts, waste)
         total_bytes = manifest["totals"]["bytes"]
-    else:
-        total_bytes = sum((out / p.name).stat().st_size for p in plans)
     return CacheSummary(
         examples=len(examples), response_tokens=summary_counts["response_tokens"],
         truncated=counts.get("truncated", 0), skipped_too_long=counts.get("skipped_too_long", 0),
         skipped_bad_lines=counts.get("skipped_bad_lines", 0), bytes=total_bytes,
-        seconds=time.perf_counter() - t0, computed_examples=computed, padding_waste=waste, out=out)
+        seconds=time.perf_counter() - t0, computed_examples=int(computed), padding_waste=waste, out=out)
 
 
 def _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, out, cfg, device, precision,
@@ -362,7 +409,10 @@ def _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, o
 
     pad_id = tokenizer.pad_token_id
     lp_dtype = np.float16 if cfg.logprob_dtype == "float16" else np.float32
-    bar = tqdm(total=sum(len(p.rows) for p in todo), unit="ex", desc="cache-teacher", dynamic_ncols=True)
+    # One bar, rank 0's: it shows that rank's share, which is about 1/world_size of the work.
+    desc = "cache-teacher" if distributed.world_size() == 1 else f"cache-teacher (rank 0 of {distributed.world_size()})"
+    bar = tqdm(total=sum(len(p.rows) for p in todo), unit="ex", desc=desc, dynamic_ncols=True,
+               disable=not distributed.is_main())
     t_start, n_tokens, n_resp = time.perf_counter(), 0, 0
     try:
         for plan in todo:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -28,7 +29,8 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError, PipelineError
 
-_CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
+_METAVARS = {int: "INTEGER", float: "FLOAT"}
+DISTRIBUTED_COMMANDS = ("cache-teacher", "train")  # run under torchrun; the other commands run in one process
 
 
 def _default_text(f) -> str:
@@ -61,9 +63,11 @@ def config_options(*classes: type, skip: tuple[str, ...] = ()) -> Callable:
                 fn = click.option(f"--{name}", multiple=bool(repeat), default=None, help=help_text,
                                   metavar="TEXT" if repeat else "V1,V2,...")(fn)
             else:
+                # Taken as text and checked by load_config, so that every bad flag is reported at once, next
+                # to the config file's problems (click would stop at the first).
                 choices = f.metadata.get("choices")
-                ctype = click.Choice(choices) if choices else _CLICK_TYPES.get(inner, click.STRING)
-                fn = click.option(f"--{name}", type=ctype, default=None, help=help_text)(fn)
+                metavar = f"[{'|'.join(choices)}]" if choices else _METAVARS.get(inner, "TEXT")
+                fn = click.option(f"--{name}", type=click.STRING, metavar=metavar, default=None, help=help_text)(fn)
         fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                           help="YAML config file (see configs/); flags override it.")(fn)
         return fn
@@ -72,18 +76,22 @@ def config_options(*classes: type, skip: tuple[str, ...] = ()) -> Callable:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Print a PipelineError as one line (each config problem on its own line) and exit non-zero."""
+    """Print a PipelineError as one line (each config problem on its own line) and exit non-zero.
+
+    Under torchrun an error that every rank raised alike is printed by rank 0 only (distributed.agree); one
+    raised by another rank alone is printed by that rank, as `error: [rank N] ...`.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as e:
-            for p in e.problems:
-                click.echo(f"error: {p}", err=True)
-            sys.exit(e.exit_code)
         except PipelineError as e:
-            click.echo(f"error: {e}", err=True)
+            from pipeline.distributed import error_prefix
+
+            if not getattr(e, "quiet", False):
+                for p in e.problems if isinstance(e, ConfigError) else [str(e)]:
+                    click.echo(f"error: {error_prefix()}{p}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
@@ -94,7 +102,8 @@ def user_errors(fn: Callable) -> Callable:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="pipeline")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Fine-tune an instruction LLM on a new task without forgetting: QLoRA + distillation from a cached
     teacher (Learning without Forgetting) + rehearsal of general data.
 
@@ -104,7 +113,18 @@ def main() -> None:
       pipeline cache-teacher --task-train task.jsonl --rehearsal-train rehearsal.jsonl --out cache/
       pipeline train --cache cache/ --out run/ --kd-lambda 0.5
       pipeline evaluate --cache cache/ --adapter run/adapter
+
+    \b
+    On several GPUs or machines, the two long stages run under torchrun:
+      torchrun --nproc-per-node 8 -m pipeline cache-teacher ...
+      torchrun --nproc-per-node 8 -m pipeline train ...
     """
+    if os.environ.get("WORLD_SIZE", "1") != "1" and ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
+        # Under torchrun every process would run the whole command and write the same outputs.
+        if os.environ.get("RANK", "0") == "0":
+            click.echo(f"error: {ctx.invoked_subcommand} runs in one process; run it without torchrun (only "
+                       f"{' and '.join(DISTRIBUTED_COMMANDS)} use several)", err=True)
+        sys.exit(2)
 
 
 @main.command("cache-teacher")
@@ -120,12 +140,15 @@ def cache_teacher_cmd(config_file: str | None, **flags) -> None:
       pipeline cache-teacher --task-train data/demo/task_train.jsonl --task-eval data/demo/task_eval.jsonl \\
           --out runs/demo/cache --top-k 32 --max-length 384
     """
+    from pipeline import distributed
     from pipeline.cache import build_cache
 
-    cfg = load_config(CacheConfig, config_file, flags)
-    summary = build_cache(cfg)
-    for line in summary.lines():
-        click.echo(line)
+    with distributed.launched():  # one rank of a torchrun job, or a plain single process
+        cfg = distributed.agree(lambda: load_config(CacheConfig, config_file, flags))
+        summary = build_cache(cfg)
+        if distributed.is_main():
+            for line in summary.lines():
+                click.echo(line)
 
 
 @main.command("train")
@@ -138,11 +161,14 @@ def train_cmd(config_file: str | None, **flags) -> None:
     Example:
       pipeline train --cache runs/demo/cache --out runs/demo/lambda-0.5 --kd-lambda 0.5 --max-steps 100
     """
+    from pipeline import distributed
     from pipeline.train import train
 
-    cfg = load_config(TrainConfig, config_file, flags)
-    result = train(cfg)
-    click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    with distributed.launched():  # one rank of a torchrun job, or a plain single process
+        cfg = distributed.agree(lambda: load_config(TrainConfig, config_file, flags))
+        result = train(cfg)
+        if distributed.is_main():
+            click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 

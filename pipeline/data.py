@@ -12,8 +12,10 @@ Prompt files (make-rehearsal, generate) are the same forms without the answer.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,20 @@ class BadLine(ValueError):
     """A malformed input line; the message is the reason, without the location."""
 
 
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages (a user wrote JSON, not Python)."""
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    """repr() of a value from the input, cut short: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _text(obj: dict, key: str, *, required: bool) -> str | None:
     value = obj.get(key)
     if value is None:
@@ -70,7 +86,7 @@ def _text(obj: dict, key: str, *, required: bool) -> str | None:
             raise BadLine(f"missing {key!r}")
         return None
     if not isinstance(value, str):
-        raise BadLine(f"{key!r} must be a string, got {type(value).__name__}")
+        raise BadLine(f"{key!r} must be a string, got {_json_type(value)}")
     return value
 
 
@@ -82,7 +98,7 @@ def parse_line(obj: object, *, with_response: bool) -> list[dict[str, str]]:
             files (must end in a user turn; an `output` or final assistant turn is not allowed).
     """
     if not isinstance(obj, dict):
-        raise BadLine(f"expected a JSON object, got {type(obj).__name__}")
+        raise BadLine(f"expected a JSON object, got {_json_type(obj)}")
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -93,9 +109,9 @@ def parse_line(obj: object, *, with_response: bool) -> list[dict[str, str]]:
                 raise BadLine(f"messages[{i}] must be an object with 'role' and 'content'")
             role, content = m.get("role"), m.get("content")
             if role not in CHAT_ROLES:
-                raise BadLine(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+                raise BadLine(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {_brief(role)}")
             if not isinstance(content, str):
-                raise BadLine(f"messages[{i}].content must be a string, got {type(content).__name__}")
+                raise BadLine(f"messages[{i}].content must be a string, got {_json_type(content)}")
             out.append({"role": role, "content": content})
         last = out[-1]["role"]
         if with_response:
@@ -156,21 +172,32 @@ def read_jsonl(path: str | Path, *, role: str = "task", split: str = "train", wi
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise BadLine(f"invalid UTF-8 at byte {e.start}") from None
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write
             if not text.strip():
                 raise BadLine("blank line")
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 raise BadLine(f"not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise BadLine("not valid JSON (nested too deeply)") from None
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise BadLine(f"not valid JSON ({' '.join(str(e).split())[:100]})") from None
+            if "\\ud" in text.lower():  # only a \u escape can make an unpaired surrogate: the bytes were UTF-8
+                try:
+                    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise BadLine(f"not valid Unicode (unpaired surrogate \\u{ord(e.object[e.start]):04x})") from None
             messages = parse_line(obj, with_response=with_response)
             ex_id = obj.get("id")
             if ex_id is None:
                 ex_id = f"{path.name}:{lineno}"
             elif isinstance(ex_id, bool) or not isinstance(ex_id, str | int):
-                raise BadLine(f"'id' must be a string or an integer, got {type(ex_id).__name__}")
+                raise BadLine(f"'id' must be a string or an integer, got {_json_type(ex_id)}")
             ex_id = str(ex_id)
             if ex_id in seen:
-                raise BadLine(f"duplicate id {ex_id!r} (first on line {seen[ex_id]})")
+                raise BadLine(f"duplicate id {_brief(ex_id)} (first on line {seen[ex_id]})")
         except BadLine as e:
             where = f"{path}:{lineno}"
             if not skip_bad_lines:
@@ -192,6 +219,33 @@ def render_prompt_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+_WHITESPACE = re.compile(r"\s")
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_token(tokenizer) -> int:
+    """Characters in the longest vocabulary entry: no token covers more characters of a text."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def cut_long_text(tokenizer, messages: list[dict[str, str]], max_length: int) -> list[dict[str, str]] | None:
+    """[long text note] Tokenising a 10 MB line takes ~15 s, and all but max_length tokens are then cut.
+
+    A text of more than L * max_length characters has more than max_length tokens (L = longest token + 1,
+    81 + 1 for SmolLM2), so before tokenising: a prompt that long is too long (None: skipped, as it would be
+    after tokenising), and a response that long is cut at the first whitespace after that many characters,
+    a boundary no token crosses, so the ids kept are the same. Texts shorter than that are never touched.
+    """
+    limit = (_longest_token(tokenizer) + 1) * max_length
+    if sum(len(m["content"]) for m in messages[:-1]) > limit:
+        return None
+    response = messages[-1]["content"]
+    if len(response) <= limit:
+        return messages
+    space = _WHITESPACE.search(response, limit)
+    return [*messages[:-1], {**messages[-1], "content": response[:space.start() if space else limit]}]
+
+
 def tokenize_example(tokenizer, ex: Example, max_length: int) -> Tokenized | None:
     """Prompt + response ids with the loss mask on the response; None if truncation cut the whole response.
 
@@ -199,9 +253,12 @@ def tokenize_example(tokenizer, ex: Example, max_length: int) -> Tokenized | Non
     rendered conversation (the response and the template's end-of-turn tokens) is tokenised and appended:
     the model sees at training time exactly the prompt ids it will generate from.
     """
-    prompt_ids = render_prompt_ids(tokenizer, ex.messages[:-1])
-    prompt_text = tokenizer.apply_chat_template(ex.messages[:-1], tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(ex.messages, tokenize=False)
+    messages = cut_long_text(tokenizer, ex.messages, max_length)
+    if messages is None:
+        return None
+    prompt_ids = render_prompt_ids(tokenizer, messages[:-1])
+    prompt_text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full_text.startswith(prompt_text):
         raise PipelineError(f"{ex.source}: the chat template renders the prompt differently inside the full "
                             "conversation; cannot locate the response")

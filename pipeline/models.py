@@ -307,13 +307,18 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, precision: str) -> torch.Tensor:
+def forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, precision: str, *,
+                   body: torch.nn.Module | None = None) -> torch.Tensor:
     """Final hidden states (after the last norm) of the decoder body: (B, T, H).
 
     The output head is NOT applied here: losses.py applies it in fp32, chunk by chunk, only at the
     response positions, so no (B, T, V) logits tensor is ever built.
+
+    Args:
+        body: the module to call instead of the model's decoder. Under torchrun, train passes its
+            DistributedDataParallel wrapper of that decoder: DDP syncs gradients only of forwards it runs.
     """
-    body = base_of(model).get_decoder()
+    body = body if body is not None else base_of(model).get_decoder()
     with autocast(input_ids.device, precision):
         out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state

@@ -174,10 +174,19 @@ def open_cache(path: str | Path, *, verify: bool = True) -> Cache:
         hint = "an unfinished cache: rerun the same cache-teacher command to finish it" if partial else \
             "not a cache directory"
         raise PipelineError(f"{path / MANIFEST}: missing ({hint})")
-    manifest = read_json(path / MANIFEST, "cache manifest")
+    rebuild = "rerun the same cache-teacher command on this directory to rewrite it"
+    try:
+        manifest = read_json(path / MANIFEST, "cache manifest")
+    except PipelineError as e:
+        raise PipelineError(f"{e}; {rebuild}") from e
     required = ("format_version", "teacher", "tokenizer", "max_length", "top_k", "temperature", "shards")
     if not isinstance(manifest, dict) or any(k not in manifest for k in required):
-        raise PipelineError(f"{path / MANIFEST}: not a cache manifest (missing fields)")
+        raise PipelineError(f"{path / MANIFEST}: not a cache manifest (missing fields); {rebuild}")
+    shard_keys = ("file", "role", "split", "rows", "bytes", "sha256")
+    if not isinstance(manifest["shards"], list) or not all(
+            isinstance(s, dict) and all(k in s for k in shard_keys) for s in manifest["shards"]):
+        raise PipelineError(f"{path / MANIFEST}: not a cache manifest (each shard needs {', '.join(shard_keys)}); "
+                            f"{rebuild}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise PipelineError(f"{path / MANIFEST}: format_version {manifest['format_version']} is not supported "
                             f"(this pipeline reads {FORMAT_VERSION}); rebuild the cache")

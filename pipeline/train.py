@@ -11,6 +11,7 @@ Loss per step (DESIGN.md section 5), means over the response tokens of the WHOLE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,14 +19,14 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from pipeline import __version__
+from pipeline import __version__, distributed
 from pipeline.config import TrainConfig, to_dict
 from pipeline.data import draw_step
 from pipeline.errors import PipelineError
@@ -34,6 +35,7 @@ from pipeline.fileio import TMP_MARK, atomic_write_text, fsync_dir, remove_tmp_f
 from pipeline.losses import l2_penalty, response_losses
 from pipeline.models import (
     attach_lora,
+    base_of,
     forward_hidden,
     load_model,
     load_tokenizer,
@@ -86,6 +88,7 @@ class Run:
     temperature: float
     step: int = 0
     history: dict = field(default_factory=dict)
+    ddp: torch.nn.Module | None = None  # the DistributedDataParallel decoder under torchrun (see wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,8 +105,12 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
         elif not cfg.resume:
             raise PipelineError(f"{out}: not empty; pass --resume to continue the run in it or --overwrite to "
                                 "start afresh")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CHECKPOINTS).mkdir(exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CHECKPOINTS).mkdir(exist_ok=True)
+    except OSError as e:  # e.g. a read-only file system, or a path under a regular file
+        raise PipelineError(f"{out}: cannot create the run directory: {e.strerror or e}") from e
+    remove_tmp_files(out)  # adapter/, run.yaml, metrics.jsonl of a killed run
     remove_tmp_files(out / CHECKPOINTS)
     return out
 
@@ -125,22 +132,38 @@ def check_resume_settings(cfg: TrainConfig, out: Path) -> None:
 
 
 def setup(cfg: TrainConfig, log=print) -> Run:
-    cache = open_cache(cfg.cache)
-    model_dir = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_dir)
-    cache.check_compatible(model_fingerprint=model_fingerprint(model_dir),
-                           tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                           max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
-    n_task, n_reh = cache.count("task", "train"), cache.count("rehearsal", "train")
-    if cfg.rehearsal_ratio > 0 and n_reh == 0:
-        raise PipelineError(f"{cache.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but the cache has no rehearsal "
-                            "training rows; cache them with --rehearsal-train or pass --rehearsal-ratio 0")
-    if cfg.rehearsal_ratio < 1 and n_task == 0:
-        raise PipelineError(f"{cache.path}: the cache has no task training rows (--task-train)")
-    out = prepare_out_dir(cfg)
-    check_resume_settings(cfg, out)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    # Under torchrun each step below runs on every rank and a user error stops all of them alike
+    # (distributed.agree); the shards' checksums are read once per machine, the output directory by rank 0 only.
+    cache = distributed.agree(lambda: open_cache(cfg.cache, verify=distributed.local_rank() == 0))
+    # A GGUF model is converted and the weights are hashed once per machine; the other ranks find the result.
+    model_dir = distributed.main_first(lambda: resolve_model(cfg.model))
+    fingerprint = distributed.main_first(lambda: model_fingerprint(model_dir))
+
+    def check_inputs() -> tuple[object, int, torch.device, str]:
+        tokenizer = load_tokenizer(model_dir)
+        cache.check_compatible(model_fingerprint=fingerprint,
+                               tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                               max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
+        n_task, n_reh = cache.count("task", "train"), cache.count("rehearsal", "train")
+        if cfg.rehearsal_ratio > 0 and n_reh == 0:
+            raise PipelineError(f"{cache.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but the cache has no "
+                                "rehearsal training rows; cache them with --rehearsal-train or pass "
+                                "--rehearsal-ratio 0")
+        if cfg.rehearsal_ratio < 1 and n_task == 0:
+            raise PipelineError(f"{cache.path}: the cache has no task training rows (--task-train)")
+        device = distributed.place(resolve_device(cfg.device))
+        return tokenizer, n_reh, device, resolve_precision(cfg.precision, device)
+
+    tokenizer, n_reh, device, precision = distributed.agree(check_inputs)
+
+    def make_out_dir() -> Path:
+        if not distributed.is_main():
+            return Path(cfg.out)
+        out = prepare_out_dir(cfg)
+        check_resume_settings(cfg, out)
+        return out
+
+    out = distributed.agree(make_out_dir)
     if precision != cache.manifest.get("precision"):
         log(f"note: the cache was computed in {cache.manifest.get('precision')}, training runs in {precision}; "
             "the step-0 KL will not be ~0")
@@ -150,6 +173,12 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     model = attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
     model.train()
+    ddp = None
+    if distributed.world_size() > 1:
+        # Rank 0 keeps the single-process random stream; the others draw their own LoRA dropout masks.
+        if distributed.rank() > 0:
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, distributed.rank()]).generate_state(1)[0]))
+        ddp = wrap_ddp(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     from transformers import get_cosine_schedule_with_warmup
@@ -159,8 +188,35 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     rehearsal = RowStream(cache, "rehearsal", "train", cfg.seed) if n_reh else None
     log(f"cache {describe(cache)}")
     log(f"model {cfg.model}: {sum(p.numel() for p in params):,} trainable LoRA parameters, {precision}, {device}")
+    if ddp is not None:
+        log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
+            f"per step, {global_batch(cfg)} per step in all")
     return Run(cfg, out, cache, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
-               precision, cache.temperature)
+               precision, cache.temperature, ddp=ddp)
+
+
+def global_batch(cfg: TrainConfig) -> int:
+    """Examples per optimiser step over all processes: batch_size * grad_accum * world_size."""
+    return cfg.batch_size * cfg.grad_accum * distributed.world_size()
+
+
+def wrap_ddp(model, device: torch.device) -> torch.nn.Module:
+    """Wrap the decoder body (where every LoRA parameter lives) in DistributedDataParallel.
+
+    [ddp wrapping note] The output head runs outside the body, in losses.py, and is frozen, so the body is
+    all DDP needs to see. Every LoRA parameter is used in every forward, so find_unused_parameters stays
+    off; gradient checkpointing is non-reentrant (models.attach_lora), which DDP supports without
+    static_graph. The frozen 4-bit base and the buffers are loaded from the same files on every rank and
+    never change: DDP is told to ignore them, so it neither broadcasts the whole base model at start nor
+    the buffers before every forward; only the LoRA parameters are broadcast from rank 0 at start.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    body = base_of(model).get_decoder()
+    frozen = [n for n, p in body.named_parameters() if not p.requires_grad] + [n for n, _ in body.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(body, frozen)
+    return DistributedDataParallel(body, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,10 +224,17 @@ def setup(cfg: TrainConfig, log=print) -> Run:
 # ----------------------------------------------------------------------------------------------------------------
 
 def micro_batches(run: Run, step: int) -> list[TrainBatch]:
-    """The step's mixed examples (DESIGN.md section 6), split into micro-batches of cfg.batch_size."""
+    """This process's micro-batches of cfg.batch_size of the step's mixed examples (DESIGN.md section 6).
+
+    [global step note] Under torchrun every rank draws the whole step, global_batch(cfg) examples, from its
+    own copy of the same seeded streams (so the stream state is the same on every rank and one checkpoint
+    resumes them all), then keeps its contiguous slice. The rehearsal ratio therefore holds per step over
+    all ranks, and N processes with batch B/N compute the update of one process with batch B.
+    """
     cfg = run.cfg
     n = cfg.batch_size * cfg.grad_accum
-    rows = draw_step(run.task, run.rehearsal, n, cfg.rehearsal_ratio, cfg.seed, step)
+    rows = draw_step(run.task, run.rehearsal, global_batch(cfg), cfg.rehearsal_ratio, cfg.seed, step)
+    rows = rows[distributed.rank() * n:(distributed.rank() + 1) * n]
     pad = run.tokenizer.pad_token_id
     return [collate_rows(rows[i:i + cfg.batch_size], pad) for i in range(0, n, cfg.batch_size)]
 
@@ -186,37 +249,55 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
     [token-normalised accumulation note] Each micro-batch contributes sum_CE / N_step (and
     sum_KL / N_kd_step), where N counts the response tokens of the whole step, so batch 8 x accum 1 and
     batch 2 x accum 4 produce the same gradient. Dividing each micro-batch by its own count would weight
-    tokens of short micro-batches more.
+    tokens of short micro-batches more. Under torchrun N counts the step's tokens on all ranks.
+
+    [ddp gradient sum note] DDP averages the ranks' gradients (it divides their sum by world_size). Each rank
+    therefore back-propagates world_size * (its share of the step's sums) / (the step's GLOBAL counts,
+    all-reduced before the first backward): the average is then the gradient of the whole step's loss, the
+    same as one process with all of the step's examples. Gradients are all-reduced once per step, in the
+    backward of the last micro-batch (no_sync before it). The L2 penalty is back-propagated on every rank
+    outside DDP (no all-reduce): each rank adds the same gradient, once.
 
     Args:
         measure_kl: compute the KL for logging even when kd_lambda is 0 (no gradient flows through it then).
+
+    Returns:
+        The step's loss terms and counts over all ranks (the same on every rank).
     """
     cfg, head = run.cfg, run.head
     kd = cfg.kd_lambda > 0
-    n_tokens = sum(b.n_tokens for b in batches)
-    n_kd = sum(b.n_tokens if cfg.kd_on == "all" else int(b.is_rehearsal.sum()) for b in batches)
+    n_tokens, n_kd = (int(n) for n in distributed.all_reduce_sum([
+        sum(b.n_tokens for b in batches),
+        sum(b.n_tokens if cfg.kd_on == "all" else int(b.is_rehearsal.sum()) for b in batches)]))
+    world = distributed.world_size()
     ce_sum = kl_sum = 0.0
     kd_weight = cfg.kd_lambda * run.temperature**2
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = batch.to(run.device)
-        hidden = forward_hidden(run.model, batch.input_ids, batch.attention_mask, run.precision)  # (B, T, H)
-        rows, cols = response_positions(batch.loss_mask)
-        h = hidden[rows, cols]  # (N, H): only response positions reach the output head
-        labels = batch.input_ids[rows, cols + 1]
-        teacher = {"teacher_ids": batch.teacher_ids, "teacher_logprobs": batch.teacher_logprobs,
-                   "kd_mask": kd_mask_of(batch, cfg.kd_on), "temperature": run.temperature, "kl": cfg.kl}
-        common = {"bias": head.bias, "chunk_size": cfg.loss_chunk_size, "logit_softcap": head.softcap}
-        sums = response_losses(h, head.weight, labels, **common, **(teacher if kd else {}))
-        loss = sums.ce / n_tokens
-        if kd and n_kd:
-            loss = loss + kd_weight * sums.kl / n_kd
-        loss.backward()
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync():
+            hidden = forward_hidden(run.model, batch.input_ids, batch.attention_mask, run.precision,
+                                    body=run.ddp)  # (B, T, H)
+            rows, cols = response_positions(batch.loss_mask)
+            h = hidden[rows, cols]  # (N, H): only response positions reach the output head
+            labels = batch.input_ids[rows, cols + 1]
+            teacher = {"teacher_ids": batch.teacher_ids, "teacher_logprobs": batch.teacher_logprobs,
+                       "kd_mask": kd_mask_of(batch, cfg.kd_on), "temperature": run.temperature, "kl": cfg.kl}
+            common = {"bias": head.bias, "chunk_size": cfg.loss_chunk_size, "logit_softcap": head.softcap}
+            sums = response_losses(h, head.weight, labels, **common, **(teacher if kd else {}))
+            loss = sums.ce / n_tokens
+            if kd and n_kd:
+                loss = loss + kd_weight * sums.kl / n_kd
+            (loss * world).backward()  # [ddp gradient sum note]; * 1 is exact in one process
         ce_sum += sums.ce.item()
         if kd:
             kl_sum += sums.kl.item()
         elif measure_kl:  # lambda = 0: the KL is only watched, never part of the loss
             with torch.no_grad():
                 kl_sum += response_losses(h.detach(), head.weight, labels, **common, **teacher).kl.item()
+    ce_sum, kl_sum, n_all, n_examples, n_rehearsal = distributed.all_reduce_sum([
+        ce_sum, kl_sum, sum(int(b.attention_mask.sum()) for b in batches), sum(b.input_ids.shape[0] for b in batches),
+        sum(b.n_rehearsal_examples for b in batches)])
     ce = ce_sum / max(n_tokens, 1)
     kl = kl_sum / max(n_kd, 1) if (kd or measure_kl) else None
     l2 = 0.0
@@ -225,10 +306,8 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         penalty.backward()
         l2 = penalty.item()
     loss = ce + (kd_weight * kl if kd and kl is not None else 0.0) + l2
-    return {"loss": loss, "ce": ce, "kl": kl, "l2": l2, "response_tokens": n_tokens,
-            "tokens": sum(int(b.attention_mask.sum()) for b in batches),
-            "examples": sum(b.input_ids.shape[0] for b in batches),
-            "rehearsal_examples": sum(b.n_rehearsal_examples for b in batches)}
+    return {"loss": loss, "ce": ce, "kl": kl, "l2": l2, "response_tokens": n_tokens, "tokens": int(n_all),
+            "examples": int(n_examples), "rehearsal_examples": int(n_rehearsal)}
 
 
 def optimizer_step(run: Run) -> float:
@@ -254,9 +333,10 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # .cpu(): the checkpoint is loaded with map_location=device, and RNG states must be CPU byte tensors.
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_adapter(model, path: Path) -> None:
@@ -264,13 +344,23 @@ def save_adapter(model, path: Path) -> None:
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    crash_point("adapter_tmp_written")
     replace_dir(tmp, path)
 
 
-def save_checkpoint(run: Run) -> Path:
-    """OUT/checkpoints/step-NNNNNN/: adapter, optimiser, schedule, RNG and data-stream state; atomic."""
+def save_checkpoint(run: Run) -> Path | None:
+    """OUT/checkpoints/step-NNNNNN/: adapter, optimiser, schedule, RNG and data-stream state; atomic.
+
+    [per-rank state note] Under torchrun every rank takes part (returns None on all but rank 0, which writes).
+    The adapter, optimiser, schedule and data streams are the same on every rank (the same update, the same
+    draws; see micro_batches), so rank 0's copy resumes them all. Only the random state differs per rank (LoRA
+    dropout masks), so each rank's is gathered and saved: a resumed run is the uninterrupted one exactly.
+    """
     from peft import get_peft_model_state_dict
 
+    rngs = distributed.gather_objects(rng_state())
+    if rngs is None:
+        return None
     ckpt_dir = run.out / CHECKPOINTS
     final = ckpt_dir / f"step-{run.step:06d}"
     tmp = ckpt_dir / f"{final.name}{TMP_MARK}{os.getpid()}"
@@ -281,7 +371,9 @@ def save_checkpoint(run: Run) -> Path:
         "adapter": get_peft_model_state_dict(run.model),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
-        "rng": rng_state(),
+        "rng": rngs[0],
+        "world_size": len(rngs),
+        "rng_other_ranks": rngs[1:],
         "streams": {"task": run.task.state_dict(),
                     "rehearsal": run.rehearsal.state_dict() if run.rehearsal else None},
         "history": run.history,
@@ -292,9 +384,11 @@ def save_checkpoint(run: Run) -> Path:
             os.fsync(f.fileno())
         crash_point("checkpoint_tmp_written")
         replace_dir(tmp, final)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise PipelineError(f"{final}: cannot write checkpoint: {e.strerror or e}") from e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+        raise PipelineError(f"{final}: cannot write checkpoint ({reason}); is the disk full? The checkpoints "
+                            "before it are kept: free space and rerun with --resume") from e
     for old in sorted(ckpt_dir.glob("step-*"))[:-run.cfg.keep_checkpoints]:
         if TMP_MARK not in old.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -314,13 +408,19 @@ def load_checkpoint(run: Run, path: Path) -> None:
     except Exception as e:  # a checkpoint that does not load is reported, never half-used
         raise PipelineError(f"{path / 'state.pt'}: unreadable checkpoint ({e}); delete {path} to resume from the "
                             "one before") from e
+    saved_world, world = state.get("world_size", 1), distributed.world_size()
+    if saved_world != world:
+        raise PipelineError(f"{path}: written by a run on {saved_world} process(es), now {world}; resume with "
+                            f"{saved_world}: a step draws batch_size * grad_accum examples per process, and each "
+                            "process has its own random state")
     set_peft_model_state_dict(run.model, state["adapter"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.task.load_state_dict(state["streams"]["task"])
     if run.rehearsal and state["streams"]["rehearsal"]:
         run.rehearsal.load_state_dict(state["streams"]["rehearsal"])
-    set_rng_state(state["rng"])
+    rank = distributed.rank()
+    set_rng_state(state["rng"] if rank == 0 else state["rng_other_ranks"][rank - 1])
     run.step = state["step"]
     run.history = state["history"]
 
@@ -384,9 +484,15 @@ def fit(run: Run, log=print) -> dict:
     from tqdm.auto import tqdm
 
     cfg = run.cfg
-    metrics = MetricsLog(run.out / "metrics.jsonl", run.step)
-    stats, best_avg, avg = StepStats(), math.inf, None
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
+    # Without a checkpoint (step 0) nothing is kept: the step-0 line is written again below. Under torchrun rank 0
+    # alone writes; the logged values are over all ranks (loss_step).
+    main = distributed.is_main()
+    metrics = MetricsLog(run.out / "metrics.jsonl", run.step if run.step else -1) if main else None
+    # A resumed run continues the sums of the unlogged steps and the loss averages from its checkpoint, so its
+    # metrics lines and divergence check are those of an uninterrupted run.
+    loop = run.history.get("loop", {})
+    stats, best_avg, avg = StepStats(**loop.get("stats", {})), loop.get("best_avg", math.inf), loop.get("avg")
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     t_start = time.perf_counter()
     try:
         while run.step < cfg.max_steps:
@@ -397,15 +503,19 @@ def fit(run: Run, log=print) -> dict:
             if step == 1 and "step0" not in run.history:
                 # The student has not been updated yet: this is the KL to the teacher at step 0 (expect ~0).
                 run.history["step0"] = {"ce": out["ce"], "kl": out["kl"]}
-                metrics.write({"step": 0, "loss": out["loss"], "ce": out["ce"], "kl": out["kl"]})
+                if metrics:
+                    metrics.write({"step": 0, "loss": out["loss"], "ce": out["ce"], "kl": out["kl"]})
+            # The loss is the same on every rank, so every rank stops here alike (rank 0 prints).
             if not math.isfinite(out["loss"]):
-                raise PipelineError(f"step {step}: loss is {out['loss']}; stopped. The last good checkpoint is "
-                                    f"{latest_checkpoint(run.out) or 'none'}; lower --lr or check the data")
+                raise distributed.quiet_elsewhere(PipelineError(
+                    f"step {step}: loss is {out['loss']}; stopped. The last good checkpoint is "
+                    f"{latest_checkpoint(run.out) or 'none'}; lower --lr or check the data"))
             avg = out["loss"] if avg is None else 0.9 * avg + 0.1 * out["loss"]
             if avg > cfg.divergence_factor * best_avg:
-                raise PipelineError(f"step {step}: loss {out['loss']:.3f} is more than {cfg.divergence_factor}x its "
-                                    f"best running average {best_avg:.3f}; training diverged and stopped. The last "
-                                    f"good checkpoint is {latest_checkpoint(run.out) or 'none'}; lower --lr")
+                raise distributed.quiet_elsewhere(PipelineError(
+                    f"step {step}: loss {out['loss']:.3f} is more than {cfg.divergence_factor}x its best running "
+                    f"average {best_avg:.3f}; training diverged and stopped. The last good checkpoint is "
+                    f"{latest_checkpoint(run.out) or 'none'}; lower --lr"))
             best_avg = min(best_avg, avg)
             grad_norm = optimizer_step(run)
             run.step = step
@@ -427,15 +537,18 @@ def fit(run: Run, log=print) -> dict:
                                 + (f" kl {out['kl']:.4f}" if out["kl"] is not None else "")
                                 + f" {out['tokens'] / dt:.0f} tok/s", refresh=False)
             if log_now:
-                metrics.write(_record(step, stats, run.scheduler.get_last_lr()[0], grad_norm))
+                if metrics:
+                    metrics.write(_record(step, stats, run.scheduler.get_last_lr()[0], grad_norm))
                 run.history["last"] = _record(step, stats, run.scheduler.get_last_lr()[0], grad_norm)
                 stats = StepStats()
             crash_point("train_step")
             if step % cfg.save_every == 0 and step < cfg.max_steps:
+                run.history["loop"] = {"stats": asdict(stats), "best_avg": best_avg, "avg": avg}
                 save_checkpoint(run)
     finally:
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
     return {"seconds": time.perf_counter() - t_start}
 
 
@@ -444,21 +557,31 @@ def write_run_yaml(run: Run, extra: dict) -> None:
                                                  "top_k": run.cache.top_k, "temperature": run.temperature,
                                                  "max_length": run.cache.manifest["max_length"],
                                                  "teacher": run.cache.manifest["teacher"]},
-           "precision": run.precision, "device": str(run.device), "package_version": __version__, **extra}
+           "precision": run.precision, "device": str(run.device), "world_size": distributed.world_size(),
+           "global_batch": global_batch(run.cfg), "package_version": __version__, **extra}
     atomic_write_text(run.out / "run.yaml", yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Run `pipeline train` end to end; returns the summary also written into run.yaml."""
+    """Run `pipeline train` end to end; returns the summary also written into run.yaml.
+
+    Under torchrun (see distributed.py) every rank runs this; rank 0 alone logs and writes OUT.
+    """
+    main = distributed.is_main()
+    log = log if main else lambda *_: None
     run = setup(cfg, log)
-    ckpt = latest_checkpoint(run.out) if cfg.resume else None
+    # Rank 0 picks the checkpoint, so every rank resumes from the same one.
+    ckpt = distributed.broadcast_object(latest_checkpoint(run.out) if cfg.resume and main else None)
     if ckpt is not None:
-        load_checkpoint(run, ckpt)
+        distributed.agree(lambda: load_checkpoint(run, ckpt))
         log(f"resuming from {ckpt} (step {run.step})")
     elif cfg.resume:
         log(f"no checkpoint in {run.out / CHECKPOINTS}; starting from step 0")
-    write_run_yaml(run, {"status": "running"})
+    if main:
+        write_run_yaml(run, {"status": "running"})
     fit(run, log)
+    if not main:
+        return {}
     save_adapter(run.model, run.out / "adapter")
     fsync_dir(run.out)
     h = run.history
