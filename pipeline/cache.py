@@ -197,6 +197,7 @@ class CacheSummary:
     computed_examples: int
     padding_waste: float
     out: Path
+    teacher_seconds: float = 0.0  # the teacher loop alone: forward, top-k, Parquet writing (no model load)
 
     @property
     def bytes_per_token(self) -> float:
@@ -383,11 +384,14 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
             continue  # finished by an earlier run
         todo.append(p)
 
+    teacher_seconds = 0.0
     if todo:
         model = load_model(model_dir, device, precision)
         crash_point("model_loaded")
         head = output_head(model)
+        t_teacher = time.perf_counter()
         _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, out, cfg, device, precision, id_type)
+        teacher_seconds = time.perf_counter() - t_teacher
     distributed.wait_for_all()  # the manifest needs every rank's shards
     (computed,) = distributed.all_reduce_sum([sum(len(p.rows) for p in todo)])
     waste = padding_waste([b for p in plans for b in batches_of[p.index]], lengths)
@@ -400,7 +404,8 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
         examples=len(examples), response_tokens=summary_counts["response_tokens"],
         truncated=counts.get("truncated", 0), skipped_too_long=counts.get("skipped_too_long", 0),
         skipped_bad_lines=counts.get("skipped_bad_lines", 0), bytes=total_bytes,
-        seconds=time.perf_counter() - t0, computed_examples=int(computed), padding_waste=waste, out=out)
+        seconds=time.perf_counter() - t0, computed_examples=int(computed), padding_waste=waste, out=out,
+        teacher_seconds=teacher_seconds)
 
 
 def _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, out, cfg, device, precision,

@@ -88,8 +88,13 @@ class CacheConfig(CommonConfig):
 class TrainConfig(CommonConfig):
     """`pipeline train`: train a LoRA adapter against the cached soft targets."""
 
-    cache: str | None = opt(None, "Cache directory written by cache-teacher.", required=True)
+    cache: str | None = opt(None, "Cache directory written by cache-teacher (required unless --online-teacher).")
     out: str | None = opt(None, "Output directory (adapter/, metrics.jsonl, run.yaml, checkpoints/).", required=True)
+    online_teacher: bool = opt(False, "No cache: compute the teacher's top-k at every step with the adapter switched "
+                               "off (one extra forward per step; reads --task-train/--rehearsal-train).")
+    task_train: str | None = opt(None, "With --online-teacher: JSONL of the new task.")
+    rehearsal_train: str | None = opt(None, "With --online-teacher: JSONL of general data to rehearse.")
+    skip_bad_lines: bool = opt(False, "With --online-teacher: skip (and count) malformed input lines.")
     kd_lambda: float = opt(0.5, "Weight of the distillation term: Loss = CE + lambda * T^2 * KL. 0 = plain SFT.", min=0)
     kd_on: str = opt("all", "Which examples get the KL term.", choices=("all", "rehearsal"))
     kl: str = opt("forward", "KL variant over the k+1 buckets (topk_renorm drops the residual: an ablation).",
@@ -115,10 +120,11 @@ class TrainConfig(CommonConfig):
     log_every: int = opt(10, "Write a line to metrics.jsonl every N steps.", positive=True)
     save_every: int = opt(50, "Write a resumable checkpoint every N steps.", positive=True)
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", positive=True)
-    temperature: float | None = opt(None, "Distillation temperature; must equal the cache's (default: the cache's).",
-                                    positive=True)
-    max_length: int | None = opt(None, "Must equal the cache's max_length if given.", positive=True)
-    top_k: int | None = opt(None, "Must equal the cache's top_k if given.", positive=True)
+    temperature: float | None = opt(None, "Distillation temperature; must equal the cache's (default: the cache's; "
+                                    "1.0 with --online-teacher).", positive=True)
+    max_length: int | None = opt(None, "Must equal the cache's max_length if given (512 with --online-teacher).",
+                                 positive=True)
+    top_k: int | None = opt(None, "Must equal the cache's top_k if given (32 with --online-teacher).", positive=True)
     resume: bool = opt(False, "Continue from the last complete checkpoint in --out.")
     overwrite: bool = opt(False, "Delete a non-empty --out and start afresh.")
 
@@ -126,6 +132,17 @@ class TrainConfig(CommonConfig):
         problems = []
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite exclude each other")
+        if self.online_teacher:
+            if self.cache:
+                problems.append("--online-teacher trains without a cache: drop --cache (or --online-teacher)")
+            if not (self.task_train or self.rehearsal_train):
+                problems.append("--online-teacher reads the data itself: give --task-train and/or --rehearsal-train")
+        else:
+            if not self.cache:
+                problems.append("cache: required (--cache), or train without one with --online-teacher")
+            if self.task_train or self.rehearsal_train:
+                problems.append("--task-train/--rehearsal-train are for --online-teacher; with a cache the data "
+                                "comes from the cache")
         return problems
 
 

@@ -99,6 +99,8 @@ def parse_line(obj: object, *, with_response: bool) -> list[dict[str, str]]:
     """
     if not isinstance(obj, dict):
         raise BadLine(f"expected a JSON object, got {_json_type(obj)}")
+    if "truncated" in obj and not isinstance(obj["truncated"], bool):
+        raise BadLine(f"'truncated' must be true or false, got {_json_type(obj['truncated'])}")
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -262,7 +264,16 @@ def tokenize_example(tokenizer, ex: Example, max_length: int) -> Tokenized | Non
     if not full_text.startswith(prompt_text):
         raise PipelineError(f"{ex.source}: the chat template renders the prompt differently inside the full "
                             "conversation; cannot locate the response")
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    response_text = full_text[len(prompt_text):]
+    if (ex.raw or {}).get("truncated") is True:
+        # [cut answer note] The answer was cut at a length limit (make-rehearsal marks such answers): it is a
+        # prefix of what the model would say, so learn the prefix but not the end-of-turn the template adds
+        # after it - that would teach the model to stop mid-sentence.
+        content = messages[-1]["content"].strip()
+        end = response_text.find(content)
+        if content and end >= 0:
+            response_text = response_text[:end + len(content)]
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     ids = prompt_ids + response_ids
     truncated = len(ids) > max_length
     ids = ids[:max_length]

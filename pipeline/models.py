@@ -274,9 +274,39 @@ def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:
         raise PipelineError(f"lora_target_modules={target_modules!r}: {e}") from e
+    if dropout > 0 and next(model.parameters()).device.type == "cpu":
+        for module in model.modules():
+            drops = getattr(module, "lora_dropout", None)
+            if isinstance(drops, torch.nn.ModuleDict):
+                for name, drop in drops.items():
+                    if isinstance(drop, torch.nn.Dropout):
+                        drops[name] = RandDropout(drop.p)
+    return model
+
+
+class RandDropout(torch.nn.Module):
+    """Inverted dropout, as nn.Dropout, with the keep-mask drawn by torch.rand and applied by one multiply.
+
+    [cpu dropout note] On CPU, nn.Dropout's bernoulli_ path cost 22% of a SmolLM2-135M training step
+    (210 LoRA layers, each dropping its input); drawing uniforms and comparing is about twice as fast for
+    the same distribution: each element kept with probability 1 - p and scaled by 1 / (1 - p).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        scale = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+        return x * scale
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def base_of(model):

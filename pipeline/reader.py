@@ -209,6 +209,28 @@ def open_cache(path: str | Path, *, verify: bool = True) -> Cache:
     return Cache(path, manifest)
 
 
+class MemoryRows:
+    """Tokenised rows held in memory, read through the same interface as Cache (count, row_groups,
+    read_group), so that RowStream serves them too: training without a cache (--online-teacher)."""
+
+    def __init__(self, rows: Sequence[CachedRow], group_size: int = 128):
+        self.path = Path("<in memory>")
+        self._parts: dict[tuple[str, str], list[list[CachedRow]]] = {}
+        for role, split in {(r.role, r.split) for r in rows}:
+            part = [r for r in rows if r.role == role and r.split == split]
+            self._parts[(role, split)] = [part[i:i + group_size] for i in range(0, len(part), group_size)]
+
+    def count(self, role: str, split: str) -> int:
+        return sum(len(g) for g in self._parts.get((role, split), []))
+
+    def row_groups(self, role: str, split: str) -> list[tuple[str, int, int]]:
+        return [(f"{role}/{split}", i, len(g)) for i, g in enumerate(self._parts.get((role, split), []))]
+
+    def read_group(self, name: str, group: int, keep: int = 0) -> list[CachedRow]:
+        role, split = name.split("/")
+        return self._parts[(role, split)][group]
+
+
 class RowStream:
     """An endless, seeded, shuffled stream over the rows of one part of a cache.
 
@@ -217,7 +239,7 @@ class RowStream:
     so a resumed run continues exactly where the checkpoint was taken.
     """
 
-    def __init__(self, cache: Cache, role: str, split: str, seed: int, window: int = 8):
+    def __init__(self, cache: Cache | MemoryRows, role: str, split: str, seed: int, window: int = 8):
         self.cache, self.role, self.seed, self.window = cache, role, seed, window
         self.groups = cache.row_groups(role, split)
         self.size = sum(n for _, _, n in self.groups)
@@ -271,7 +293,7 @@ class TrainBatch:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.teacher_ids.shape[0])
+        return int(self.is_rehearsal.shape[0])
 
     def to(self, device: torch.device) -> TrainBatch:
         return TrainBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask,
@@ -288,7 +310,7 @@ def collate_rows(rows: Sequence[CachedRow], pad_id: int) -> TrainBatch:
     for i, r in enumerate(rows):
         n = len(r.input_ids)
         ids[i, :n], att[i, :n], mask[i, :n] = r.input_ids, 1, r.loss_mask
-    reh = np.concatenate([np.full(len(r.target_ids), r.role == "rehearsal") for r in rows])
+    reh = np.concatenate([np.full(int(r.loss_mask.sum()), r.role == "rehearsal") for r in rows])
     return TrainBatch(torch.from_numpy(ids), torch.from_numpy(att), torch.from_numpy(mask),
                       torch.from_numpy(np.concatenate([r.target_ids for r in rows])),
                       torch.from_numpy(np.concatenate([r.target_logprobs for r in rows])),

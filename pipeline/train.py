@@ -32,7 +32,7 @@ from pipeline.data import draw_step
 from pipeline.errors import PipelineError
 from pipeline.faults import crash_point
 from pipeline.fileio import TMP_MARK, atomic_write_text, fsync_dir, remove_tmp_files, replace_dir
-from pipeline.losses import l2_penalty, response_losses
+from pipeline.losses import l2_penalty, response_losses, topk_logprobs
 from pipeline.models import (
     attach_lora,
     base_of,
@@ -47,7 +47,16 @@ from pipeline.models import (
     response_positions,
     tokenizer_fingerprint,
 )
-from pipeline.reader import Cache, RowStream, TrainBatch, collate_rows, describe, open_cache
+from pipeline.reader import (
+    Cache,
+    CachedRow,
+    MemoryRows,
+    RowStream,
+    TrainBatch,
+    collate_rows,
+    describe,
+    open_cache,
+)
 
 CHECKPOINTS = "checkpoints"
 
@@ -75,7 +84,7 @@ class Run:
 
     cfg: TrainConfig
     out: Path
-    cache: Cache
+    cache: Cache | MemoryRows  # MemoryRows: --online-teacher, no cache
     model: object
     head: object
     tokenizer: object
@@ -89,6 +98,9 @@ class Run:
     step: int = 0
     history: dict = field(default_factory=dict)
     ddp: torch.nn.Module | None = None  # the DistributedDataParallel decoder under torchrun (see wrap_ddp)
+    top_k: int = 0
+    online: bool = False  # --online-teacher: targets computed at every step (online_targets)
+    teacher: object | None = None  # a separate teacher model for online targets (benchmarks); None: adapter off
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,56 +127,87 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def check_resume_settings(cfg: TrainConfig, out: Path) -> None:
-    """A resumed run must continue with the settings it started with (else the result is neither run)."""
+PATH_SETTINGS = ("out", "cache", "task_train", "rehearsal_train")  # where things are, not what they are
+
+
+def check_resume_settings(cfg: TrainConfig, out: Path, cache_fingerprint: str | None) -> None:
+    """A resumed run must continue with the settings it started with (else the result is neither run).
+
+    Paths may differ (a run directory or cache that was moved); the cache's content must not.
+    """
     run_yaml = out / "run.yaml"
     if not cfg.resume or not run_yaml.exists():
         return
     try:
-        have = (yaml.safe_load(run_yaml.read_text()) or {}).get("config", {})
+        doc = yaml.safe_load(run_yaml.read_text()) or {}
     except yaml.YAMLError:
         return
-    want = to_dict(cfg)
+    have, want = doc.get("config", {}), to_dict(cfg)
     for key in sorted(set(have) | set(want)):
-        if key not in ("resume", "overwrite") and have.get(key) != want.get(key):
+        if key not in ("resume", "overwrite", *PATH_SETTINGS) and have.get(key) != want.get(key):
             raise PipelineError(f"{out}: --resume with other settings: {key} was {have.get(key)!r}, now "
                                 f"{want.get(key)!r}; resume with the same settings or use --overwrite")
+    was = (doc.get("cache") or {}).get("fingerprint")
+    if cache_fingerprint and was and was != cache_fingerprint:
+        raise PipelineError(f"{out}: --resume with another cache (its shards differ from the ones this run "
+                            "started with); resume with the same cache or use --overwrite")
+
+
+ONLINE_DEFAULTS = {"top_k": 32, "temperature": 1.0, "max_length": 512}  # cache-teacher's defaults
+
+
+def online_rows(cfg: TrainConfig, tokenizer, log=print) -> MemoryRows:
+    """--online-teacher: the training JSONL read and tokenised exactly as cache-teacher would, kept in memory."""
+    from pipeline.cache import prepare
+    from pipeline.config import CacheConfig
+
+    ccfg = CacheConfig(model=cfg.model, task_train=cfg.task_train, rehearsal_train=cfg.rehearsal_train, out="-",
+                       max_length=cfg.max_length or ONLINE_DEFAULTS["max_length"], skip_bad_lines=cfg.skip_bad_lines)
+    examples, _, _ = prepare(ccfg, tokenizer, log)
+    empty_ids, empty_lps = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+    return MemoryRows([CachedRow(e.id, e.role, e.split, np.asarray(e.input_ids, np.int64),
+                                 np.asarray(e.loss_mask, bool), empty_ids, empty_lps) for e in examples])
 
 
 def setup(cfg: TrainConfig, log=print) -> Run:
     # Under torchrun each step below runs on every rank and a user error stops all of them alike
     # (distributed.agree); the shards' checksums are read once per machine, the output directory by rank 0 only.
-    cache = distributed.agree(lambda: open_cache(cfg.cache, verify=distributed.local_rank() == 0))
+    cache = None if cfg.online_teacher else distributed.agree(
+        lambda: open_cache(cfg.cache, verify=distributed.local_rank() == 0))
     # A GGUF model is converted and the weights are hashed once per machine; the other ranks find the result.
     model_dir = distributed.main_first(lambda: resolve_model(cfg.model))
     fingerprint = distributed.main_first(lambda: model_fingerprint(model_dir))
 
-    def check_inputs() -> tuple[object, int, torch.device, str]:
+    def check_inputs() -> tuple[object, object, int, torch.device, str]:
         tokenizer = load_tokenizer(model_dir)
-        cache.check_compatible(model_fingerprint=fingerprint,
-                               tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                               max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
-        n_task, n_reh = cache.count("task", "train"), cache.count("rehearsal", "train")
+        rows = cache
+        if rows is None:
+            rows = online_rows(cfg, tokenizer, log)
+        else:
+            rows.check_compatible(model_fingerprint=fingerprint,
+                                  tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                                  max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
+        n_task, n_reh = rows.count("task", "train"), rows.count("rehearsal", "train")
         if cfg.rehearsal_ratio > 0 and n_reh == 0:
-            raise PipelineError(f"{cache.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but the cache has no "
-                                "rehearsal training rows; cache them with --rehearsal-train or pass "
-                                "--rehearsal-ratio 0")
+            raise PipelineError(f"{rows.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but there are no "
+                                "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
+                                "--online-teacher) or pass --rehearsal-ratio 0")
         if cfg.rehearsal_ratio < 1 and n_task == 0:
-            raise PipelineError(f"{cache.path}: the cache has no task training rows (--task-train)")
+            raise PipelineError(f"{rows.path}: no task training rows (--task-train)")
         device = distributed.place(resolve_device(cfg.device))
-        return tokenizer, n_reh, device, resolve_precision(cfg.precision, device)
+        return tokenizer, rows, n_reh, device, resolve_precision(cfg.precision, device)
 
-    tokenizer, n_reh, device, precision = distributed.agree(check_inputs)
+    tokenizer, rows, n_reh, device, precision = distributed.agree(check_inputs)
 
     def make_out_dir() -> Path:
         if not distributed.is_main():
             return Path(cfg.out)
         out = prepare_out_dir(cfg)
-        check_resume_settings(cfg, out)
+        check_resume_settings(cfg, out, cache.fingerprint if cache is not None else None)
         return out
 
     out = distributed.agree(make_out_dir)
-    if precision != cache.manifest.get("precision"):
+    if cache is not None and precision != cache.manifest.get("precision"):
         log(f"note: the cache was computed in {cache.manifest.get('precision')}, training runs in {precision}; "
             "the step-0 KL will not be ~0")
 
@@ -184,15 +227,22 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps)
-    task = RowStream(cache, "task", "train", cfg.seed)
-    rehearsal = RowStream(cache, "rehearsal", "train", cfg.seed) if n_reh else None
-    log(f"cache {describe(cache)}")
+    task = RowStream(rows, "task", "train", cfg.seed)
+    rehearsal = RowStream(rows, "rehearsal", "train", cfg.seed) if n_reh else None
+    if cache is not None:
+        log(f"cache {describe(cache)}")
+        top_k, temperature = cache.top_k, cache.temperature
+    else:
+        top_k = cfg.top_k or ONLINE_DEFAULTS["top_k"]
+        temperature = cfg.temperature or ONLINE_DEFAULTS["temperature"]
+        log(f"online teacher: top_k {top_k}, T {temperature} (task {rows.count('task', 'train')}, rehearsal "
+            f"{n_reh} training rows)")
     log(f"model {cfg.model}: {sum(p.numel() for p in params):,} trainable LoRA parameters, {precision}, {device}")
     if ddp is not None:
         log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
             f"per step, {global_batch(cfg)} per step in all")
-    return Run(cfg, out, cache, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
-               precision, cache.temperature, ddp=ddp)
+    return Run(cfg, out, rows, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
+               precision, temperature, ddp=ddp, top_k=top_k, online=cache is None)
 
 
 def global_batch(cfg: TrainConfig) -> int:
@@ -239,6 +289,25 @@ def micro_batches(run: Run, step: int) -> list[TrainBatch]:
     return [collate_rows(rows[i:i + cfg.batch_size], pad) for i in range(0, n, cfg.batch_size)]
 
 
+@torch.no_grad()
+def online_targets(run: Run, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """--online-teacher: the teacher's top-k ids and log-probs for one micro-batch, computed now.
+
+    [online teacher note] The teacher is the student's own 4-bit base with the adapter switched off: one
+    extra forward pass per micro-batch, no second copy of the weights. Top-k and the stored precision are
+    those of cache-teacher (log-probs rounded to float16), so the loss is the same as with a cache.
+    """
+    model = run.teacher if run.teacher is not None else run.model
+    switch_off = run.model.disable_adapter() if run.teacher is None else contextlib.nullcontext()
+    with switch_off:
+        hidden = forward_hidden(model, batch.input_ids, batch.attention_mask, run.precision)
+    rows, cols = response_positions(batch.loss_mask)
+    ids, lps = topk_logprobs(hidden[rows, cols], run.head.weight, run.top_k, bias=run.head.bias,
+                             temperature=run.temperature, chunk_size=run.cfg.loss_chunk_size,
+                             logit_softcap=run.head.softcap)
+    return ids, lps.half().float()
+
+
 def kd_mask_of(batch: TrainBatch, kd_on: str) -> torch.Tensor | None:
     return batch.is_rehearsal if kd_on == "rehearsal" else None
 
@@ -274,6 +343,8 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
     kd_weight = cfg.kd_lambda * run.temperature**2
     for i, batch in enumerate(batches):
         batch = batch.to(run.device)
+        if run.online and (kd or measure_kl):
+            batch.teacher_ids, batch.teacher_logprobs = online_targets(run, batch)
         last = i == len(batches) - 1
         with contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync():
             hidden = forward_hidden(run.model, batch.input_ids, batch.attention_mask, run.precision,
@@ -553,10 +624,13 @@ def fit(run: Run, log=print) -> dict:
 
 
 def write_run_yaml(run: Run, extra: dict) -> None:
-    doc = {"config": to_dict(run.cfg), "cache": {"path": str(run.cache.path), "fingerprint": run.cache.fingerprint,
-                                                 "top_k": run.cache.top_k, "temperature": run.temperature,
-                                                 "max_length": run.cache.manifest["max_length"],
-                                                 "teacher": run.cache.manifest["teacher"]},
+    if run.online:
+        teacher = {"online_teacher": True, "top_k": run.top_k, "temperature": run.temperature}
+    else:
+        teacher = {"path": str(run.cache.path), "fingerprint": run.cache.fingerprint, "top_k": run.top_k,
+                   "temperature": run.temperature, "max_length": run.cache.manifest["max_length"],
+                   "teacher": run.cache.manifest["teacher"]}
+    doc = {"config": to_dict(run.cfg), "cache": teacher,
            "precision": run.precision, "device": str(run.device), "world_size": distributed.world_size(),
            "global_batch": global_batch(run.cfg), "package_version": __version__, **extra}
     atomic_write_text(run.out / "run.yaml", yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))

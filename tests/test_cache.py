@@ -223,3 +223,22 @@ def test_builtin_model_caches_a_few_examples(tmp_path):
         lp = torch.tensor(r["target_logprobs"]).float()
         assert (lp <= 0).all() and (lp[:, :-1] >= lp[:, 1:] - 1e-3).all()  # log-probs, most likely first
         assert lp.exp().sum(-1).max() <= 1.0 + 1e-2
+
+
+def test_cut_answers_learn_no_end_of_turn(tiny_model_dir, tmp_path):
+    from pipeline.data import read_jsonl, tokenize_example
+    from tests.conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "r.jsonl", [
+        {"id": "a", "instruction": "Write a poem.", "output": "The sea is wide"},
+        {"id": "b", "instruction": "Write a poem.", "output": "The sea is wide", "truncated": True},
+    ])
+    tokenizer = load_tokenizer(tiny_model_dir)
+    (whole, cut), _ = read_jsonl(data)
+    a, b = tokenize_example(tokenizer, whole, 256), tokenize_example(tokenizer, cut, 256)
+    assert tokenizer.decode(a.input_ids).endswith("The sea is wide<|im_end|>\n")
+    assert tokenizer.decode(b.input_ids).endswith("The sea is wide")  # no end-of-turn to learn
+    assert a.input_ids[:len(b.input_ids)] == b.input_ids and sum(b.loss_mask) == sum(a.loss_mask) - 2
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "y", "truncated": "yes"}])
+    with pytest.raises(PipelineError, match="'truncated' must be true or false"):
+        read_jsonl(bad)

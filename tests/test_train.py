@@ -246,3 +246,55 @@ def test_divergence_stops_and_keeps_checkpoint(tiny_model_dir, tiny_cache, tmp_p
     with pytest.raises(PipelineError, match=message + r".*last good checkpoint is .*step-000004"):
         train(cfg, **QUIET)
     assert not (tmp_path / "r" / "adapter").exists()
+
+
+def test_online_teacher_targets_equal_the_cache(tiny_model_dir, tmp_path):
+    from pipeline.reader import collate_rows
+    from pipeline.train import online_targets
+
+    task = write_jsonl(tmp_path / "t.jsonl", TASK_ROWS)
+    general = write_jsonl(tmp_path / "g.jsonl", GENERAL_ROWS)
+    build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(task),
+                            rehearsal_train=str(general), top_k=8, max_length=256, precision="fp32"), **QUIET)
+    run = setup(TrainConfig(model=str(tiny_model_dir), out=str(tmp_path / "o"), online_teacher=True, top_k=8,
+                            max_length=256, task_train=str(task), rehearsal_train=str(general), precision="fp32",
+                            max_steps=3, batch_size=4, warmup_steps=1), **QUIET)
+    cached = {r.example_id: r for part in ("task", "rehearsal") for r in open_cache(tmp_path / "c").iter_rows(
+        part, "train")}
+    rows = [r for g in range(len(run.cache.row_groups("task", "train")))
+            for r in run.cache.read_group("task/train", g)]
+    batch = collate_rows(rows, run.tokenizer.pad_token_id)
+    ids, lps = online_targets(run, batch)
+    want = collate_rows([cached[r.example_id] for r in rows], run.tokenizer.pad_token_id)
+    assert torch.equal(ids, want.teacher_ids)
+    torch.testing.assert_close(lps, want.teacher_logprobs, atol=2e-3, rtol=0)
+
+    from pipeline.train import fit
+
+    fit(run, **QUIET)
+    metrics = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0 and metrics[0]["kl"] < 1e-5  # the teacher is the student with the adapter off
+    assert metrics[-1]["step"] == 3 and metrics[-1]["kl"] > 0
+
+
+def test_online_teacher_flags_checked():
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="give --task-train"):
+        load_config(TrainConfig, None, {"out": "o", "online_teacher": True})
+    with pytest.raises(ConfigError, match="drop --cache"):
+        load_config(TrainConfig, None, {"out": "o", "online_teacher": True, "cache": "c", "task_train": "t"})
+
+
+def test_rand_dropout_matches_dropout_in_distribution():
+    from pipeline.models import RandDropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 500)
+    drop = RandDropout(0.05).train()
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.95) < 0.003
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    assert torch.equal(drop.eval()(x), x)

@@ -1,0 +1,308 @@
+"""Does the offline teacher pay, and are both stages fast? Every figure is a ratio of two things timed in
+this one run, side by side, on the same batches (the machines are shared and noisy; absolute times are
+printed too but only the ratios are compared with the targets).
+
+    python benchmarks/run.py --quick --json out.json      # tiny model built here, seconds
+    python benchmarks/run.py --json bench.json            # the built-in model on the demo task, minutes
+
+Figures (keys of --json):
+  cache_vs_forward          cache-teacher throughput (response tokens/s: forward + top-k + Parquet) over a
+                            plain transformers forward (model(...).logits) on the same batches      >= 0.90
+  kd_vs_sft_step            train step time with cached KD (lambda 0.5) over SFT only (lambda 0)    <= 1.05
+  online_vs_cached_step     --online-teacher step time over cached-KD step time                     >= 1.25
+  sweep4_cached_vs_online   a 4-lambda sweep of one epoch each: cache build + 4 cached trainings over
+                            4 online trainings (model loads included, from the timed parts)        <= 0.80
+  bytes_per_token           cache bytes on disk per response token at k=32                          <= 96
+  logprob_max_abs_err       stored log-probs against the fp32 values they were rounded from         <= 1e-3
+  read_vs_train             rows/s the cache reader delivers (collated) over rows/s training uses   >= 20
+  padding_waste             share of padded positions in cache-teacher batches                      <= 0.10
+  peak_rss_cached_vs_online_separate
+                            peak RSS of cached-KD training over online KD with a separate
+                            full-precision teacher in memory (each in its own process)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.cache import build_cache, prepare, teacher_topk  # noqa: E402
+from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
+from pipeline.data import collate, length_batches  # noqa: E402
+from pipeline.models import (  # noqa: E402
+    load_model,
+    load_tokenizer,
+    output_head,
+    quiet_transformers,
+    resolve_device,
+    resolve_model,
+    resolve_precision,
+)
+from pipeline.reader import RowStream, collate_rows, open_cache  # noqa: E402
+from pipeline.train import loss_step, micro_batches, optimizer_step, setup  # noqa: E402
+
+TARGETS = {  # key: (comparison, bound)
+    "cache_vs_forward": (">=", 0.90),
+    "kd_vs_sft_step": ("<=", 1.05),
+    "online_vs_cached_step": (">=", 1.25),
+    "sweep4_cached_vs_online": ("<=", 0.80),
+    "bytes_per_token": ("<=", 96),
+    "logprob_max_abs_err": ("<=", 1e-3),
+    "read_vs_train": (">=", 20),
+    "padding_waste": ("<=", 0.10),
+}
+QUIET = {"log": lambda *_: None}
+
+
+def timed(fn, repeat: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def make_data(work: Path, quick: bool, n_examples: int) -> tuple[str, Path, Path]:
+    """(model, task JSONL, rehearsal JSONL) for the run."""
+    if quick:
+        from pipeline.tiny import build_tiny_model_dir
+
+        model = str(build_tiny_model_dir(work / "tiny-model"))
+    else:
+        model = "smollm2-135m-instruct"
+    rows = [json.loads(line) for line in (REPO / "data/demo/task_train.jsonl").read_text().splitlines()]
+    task = work / "task.jsonl"
+    task.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:n_examples]))
+    # Rehearsal rows: the demo's general answers if ./run_all.sh made them, else a few templates.
+    general_file = REPO / "runs/demo/rehearsal_train.jsonl"
+    general = [json.loads(x) for x in general_file.read_text().splitlines()] if general_file.exists() else [
+        json.loads(x) for x in (REPO / "data/templates/instruction_input_output.jsonl").read_text().splitlines()]
+    n_general = max(n_examples * 3 // 7, 1)
+    general = [{**general[i % len(general)], "id": f"g{i}"} for i in range(n_general)]
+    rehearsal = work / "rehearsal.jsonl"
+    rehearsal.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general))
+    return model, task, rehearsal
+
+
+def bench_cache(model: str, task: Path, rehearsal: Path, work: Path, top_k: int, batch_size: int) -> dict:
+    """cache-teacher against a plain transformers forward over the same length-sorted batches."""
+    cfg = CacheConfig(model=model, task_train=str(task), rehearsal_train=str(rehearsal), out=str(work / "cache"),
+                      top_k=top_k, max_length=512, batch_size=batch_size)
+    summary = build_cache(cfg, **QUIET)
+
+    model_dir = resolve_model(model)
+    tokenizer = load_tokenizer(model_dir)
+    device = resolve_device("auto")
+    precision = resolve_precision("auto", device)
+    examples, _, _ = prepare(cfg, tokenizer, **QUIET)
+    teacher = load_model(model_dir, device, precision)
+    head = output_head(teacher)
+    batches = []
+    for role in ("task", "rehearsal"):
+        idx = [i for i, e in enumerate(examples) if e.role == role]
+        batches += [collate([examples[idx[j]] for j in b], tokenizer.pad_token_id).to(device)
+                    for b in length_batches([len(examples[i].input_ids) for i in idx], batch_size)]
+
+    @torch.inference_mode()
+    def plain_forward() -> None:
+        for b in batches:  # what a straightforward teacher pass computes: full logits at every position
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                teacher(input_ids=b.input_ids, attention_mask=b.attention_mask)
+
+    plain_forward_s = timed(plain_forward)
+
+    # Rounding error of the stored log-probs: recompute the first batches in fp32 in the cache's own batches.
+    cache = open_cache(work / "cache")
+    err = 0.0
+    rows = list(cache.iter_rows("task", "train"))[:batch_size * 2]
+    for start in range(0, len(rows), batch_size):
+        b = collate_rows(rows[start:start + batch_size], tokenizer.pad_token_id).to(device)
+        _, lps = teacher_topk(teacher, head, b.input_ids, b.attention_mask, b.loss_mask, top_k=top_k,
+                              temperature=1.0, precision=precision)
+        err = max(err, float((lps - b.teacher_logprobs).abs().max()))
+    return {
+        "cache_build_s": summary.seconds,
+        "cache_teacher_loop_s": summary.teacher_seconds,
+        "plain_forward_s": plain_forward_s,
+        "cache_response_tokens": summary.response_tokens,
+        "cache_tokens_per_s": summary.response_tokens / summary.teacher_seconds,
+        "plain_forward_tokens_per_s": summary.response_tokens / plain_forward_s,
+        "cache_vs_forward": plain_forward_s / summary.teacher_seconds,
+        "bytes_per_token": summary.bytes_per_token,
+        "logprob_max_abs_err": err,
+        "padding_waste": summary.padding_waste,
+        "examples": summary.examples,
+        "precision": precision,
+        "device": str(device),
+    }
+
+
+def time_steps(run, steps: int) -> float:
+    """Seconds per optimiser step over `steps` steps after one warm-up step (not a logging step)."""
+    loss_step(run, micro_batches(run, 1), measure_kl=False)
+    optimizer_step(run)
+    t0 = time.perf_counter()
+    for step in range(2, steps + 2):
+        loss_step(run, micro_batches(run, step), measure_kl=False)
+        optimizer_step(run)
+    return (time.perf_counter() - t0) / steps
+
+
+def reader_rows_per_s(run, batch_size: int, n_batches: int = 50) -> float:
+    """The reader alone: fresh streams over the same cache, collated batches as training gets them."""
+    task_stream = RowStream(run.cache, "task", "train", seed=1)
+    reh_stream = RowStream(run.cache, "rehearsal", "train", seed=1)
+    pad = run.tokenizer.pad_token_id
+
+    def read() -> None:
+        for _ in range(n_batches):
+            collate_rows(task_stream.take(batch_size - 2) + reh_stream.take(2), pad)
+
+    return n_batches * batch_size / timed(read)
+
+
+def bench_train(model: str, task: Path, rehearsal: Path, work: Path, steps: int, batch_size: int) -> dict:
+    base = {"model": model, "max_steps": 1000, "batch_size": batch_size, "overwrite": True,
+            "gradient_checkpointing": True}
+    cache = str(work / "cache")
+    out: dict = {}
+    for name, kw in (("sft", {"cache": cache, "kd_lambda": 0.0}), ("kd", {"cache": cache, "kd_lambda": 0.5}),
+                     ("online", {"online_teacher": True, "kd_lambda": 0.5, "task_train": str(task),
+                                 "rehearsal_train": str(rehearsal), "max_length": 512})):
+        t0 = time.perf_counter()
+        run = setup(TrainConfig(**base, **kw, out=str(work / f"train-{name}")), **QUIET)
+        out[f"setup_{name}_s"] = time.perf_counter() - t0
+        out[f"step_{name}_s"] = time_steps(run, steps)
+        if name == "kd":
+            out["tokens_per_step"] = sum(int(b.attention_mask.sum()) for b in micro_batches(run, 2))
+            out["reader_rows_per_s"] = reader_rows_per_s(run, batch_size)
+        del run
+    out["kd_vs_sft_step"] = out["step_kd_s"] / out["step_sft_s"]
+    out["online_vs_cached_step"] = out["step_online_s"] / out["step_kd_s"]
+    out["train_rows_per_s"] = batch_size / out["step_kd_s"]
+    out["read_vs_train"] = out["reader_rows_per_s"] / out["train_rows_per_s"]
+    out["train_tokens_per_s"] = out["tokens_per_step"] / out["step_kd_s"]
+    return out
+
+
+def rss_probe(kind: str, model: str, work: Path, task: Path, rehearsal: Path, steps: int, batch_size: int) -> None:
+    """Child process: a few training steps, then print the peak RSS (MiB)."""
+    cached = kind == "cached"
+    cfg = TrainConfig(model=model, cache=str(work / "cache") if cached else None, out=str(work / f"rss-{kind}"),
+                      overwrite=True, kd_lambda=0.5, batch_size=batch_size, max_steps=1000,
+                      online_teacher=kind != "cached", task_train=None if kind == "cached" else str(task),
+                      rehearsal_train=None if kind == "cached" else str(rehearsal),
+                      max_length=None if kind == "cached" else 512)
+    run = setup(cfg, **QUIET)
+    if kind == "online-separate":  # a full-precision teacher beside the 4-bit student, as without caching
+        run.teacher = load_model(resolve_model(model), run.device, run.precision, quantize=False)
+    time_steps(run, steps)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(kind: str, args, work: Path, model: str, task: Path, rehearsal: Path) -> float:
+    cmd = [sys.executable, __file__, "--rss-probe", kind, "--work", str(work), "--model-name", model, "--task",
+           str(task), "--rehearsal", str(rehearsal), "--steps", "2", "--batch-size", str(args.batch_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rss probe {kind} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def machine() -> dict:
+    import bitsandbytes
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": gpu,
+            "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def verdict(key: str, value: float) -> str:
+    if key not in TARGETS:
+        return ""
+    op, bound = TARGETS[key]
+    ok = value >= bound if op == ">=" else value <= bound
+    return f"{op} {bound:g}  {'ok' if ok else 'MISSED'}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the tiny model built here (seconds) instead of SmolLM2")
+    p.add_argument("--json", type=Path, help="write the figures to this file")
+    p.add_argument("--examples", type=int, help="task examples to cache (default 24 quick, 112 full)")
+    p.add_argument("--steps", type=int, help="timed train steps per variant (default 3 quick, 4 full)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--rss-probe", help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--model-name", help=argparse.SUPPRESS)
+    p.add_argument("--task", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--rehearsal", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    quiet_transformers()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.rss_probe:
+        rss_probe(args.rss_probe, args.model_name, args.work, args.task, args.rehearsal, args.steps, args.batch_size)
+        return
+    n_examples = args.examples or (24 if args.quick else 112)
+    steps = args.steps or (3 if args.quick else 4)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        work = Path(tmp)
+        model, task, rehearsal = make_data(work, args.quick, n_examples)
+        figures = bench_cache(model, task, rehearsal, work, args.top_k, args.batch_size)
+        figures.update(bench_train(model, task, rehearsal, work, steps, args.batch_size))
+        # A sweep of 4 lambdas, one epoch each, from the timed parts: with the cache, one cache build and 4
+        # cached trainings; without, 4 online trainings. Each training loads the model (setup) once.
+        n_rows = figures["examples"]
+        epoch_steps = max(n_rows // args.batch_size, 1)
+        cached = figures["cache_build_s"] + 4 * (figures["setup_kd_s"] + epoch_steps * figures["step_kd_s"])
+        online = 4 * (figures["setup_online_s"] + epoch_steps * figures["step_online_s"])
+        figures.update({"sweep4_epoch_steps": epoch_steps, "sweep4_cached_s": cached, "sweep4_online_s": online,
+                        "sweep4_cached_vs_online": cached / online})
+        figures["peak_rss_cached_mib"] = peak_rss("cached", args, work, model, task, rehearsal)
+        figures["peak_rss_online_separate_mib"] = peak_rss("online-separate", args, work, model, task, rehearsal)
+        figures["peak_rss_cached_vs_online_separate"] = (figures["peak_rss_cached_mib"]
+                                                        / figures["peak_rss_online_separate_mib"])
+    figures.update({"model": "tiny (built here)" if args.quick else model, "batch_size": args.batch_size,
+                    "top_k": args.top_k, "timed_steps": steps, "machine": machine(),
+                    "wall_s": time.perf_counter() - t_start,
+                    "date": time.strftime("%Y-%m-%d")})
+
+    rows = [(k, figures[k]) for k in ("cache_vs_forward", "kd_vs_sft_step", "online_vs_cached_step",
+                                       "sweep4_cached_vs_online", "bytes_per_token", "logprob_max_abs_err",
+                                       "read_vs_train", "padding_waste", "peak_rss_cached_vs_online_separate")]
+    print(f"\nbenchmark: {figures['model']}, {figures['device']} ({figures['precision']}), "
+          f"{figures['machine']['cores']} cores, torch {figures['machine']['torch']}, "
+          f"bitsandbytes {figures['machine']['bitsandbytes']}, {figures['examples']} cached examples")
+    print(f"| {'figure':<36} | {'value':>10} | {'target':<14} |")
+    print(f"|{'-' * 38}|{'-' * 12}|{'-' * 16}|")
+    for k, v in rows:
+        print(f"| {k:<36} | {v:>10.4g} | {verdict(k, v):<14} |")
+    print("\nraw: " + ", ".join(f"{k} {figures[k]:.3g}" for k in (
+        "cache_teacher_loop_s", "plain_forward_s", "cache_tokens_per_s", "plain_forward_tokens_per_s",
+        "step_sft_s", "step_kd_s", "step_online_s", "train_tokens_per_s", "reader_rows_per_s",
+        "sweep4_cached_s", "sweep4_online_s", "peak_rss_cached_mib", "peak_rss_online_separate_mib", "wall_s")))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
