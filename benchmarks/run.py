@@ -9,7 +9,7 @@ Figures (keys of --json):
   cache_vs_forward          cache-teacher throughput (response tokens/s: forward + top-k + Parquet) over a
                             plain transformers forward (model(...).logits) on the same batches      >= 0.90
   kd_vs_sft_step            train step time with cached KD (lambda 0.5) over SFT only (lambda 0)    <= 1.05
-  online_vs_cached_step     --online-teacher step time over cached-KD step time                     >= 1.25
+  online_vs_cached_step     online-teacher step time over cached-KD step time, same batches         >= 1.25
   sweep4_cached_vs_online   a 4-lambda sweep of one epoch each: cache build + 4 cached trainings over
                             4 online trainings (model loads included, from the timed parts)        <= 0.80
   bytes_per_token           cache bytes on disk per response token at k=32                          <= 96
@@ -39,6 +39,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the table's output (read when tqdm is imported)
 
 from pipeline.cache import build_cache, prepare, teacher_topk  # noqa: E402
 from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
@@ -97,6 +98,14 @@ def make_data(work: Path, quick: bool, n_examples: int) -> tuple[str, Path, Path
     return model, task, rehearsal
 
 
+def bucket_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL between two top-k + residual distributions over the same ids: what the rounding of the stored
+    log-probs changes in the targets the student is fitted to. (N, k) each -> (N,)."""
+    p, q = p_logprobs.double().exp(), q_logprobs.double().exp()
+    pr, qr = (1 - p.sum(-1)).clamp_min(0), (1 - q.sum(-1)).clamp_min(1e-12)
+    return (p * (p_logprobs.double() - q_logprobs.double())).sum(-1) + torch.xlogy(pr, pr) - pr * qr.log()
+
+
 def bench_cache(model: str, task: Path, rehearsal: Path, work: Path, top_k: int, batch_size: int) -> dict:
     """cache-teacher against a plain transformers forward over the same length-sorted batches."""
     cfg = CacheConfig(model=model, task_train=str(task), rehearsal_train=str(rehearsal), out=str(work / "cache"),
@@ -126,13 +135,20 @@ def bench_cache(model: str, task: Path, rehearsal: Path, work: Path, top_k: int,
 
     # Rounding error of the stored log-probs: recompute the first batches in fp32 in the cache's own batches.
     cache = open_cache(work / "cache")
-    err = 0.0
+    err = rel = kl_sum = 0.0
+    n_tok = 0
     rows = list(cache.iter_rows("task", "train"))[:batch_size * 2]
     for start in range(0, len(rows), batch_size):
         b = collate_rows(rows[start:start + batch_size], tokenizer.pad_token_id).to(device)
         _, lps = teacher_topk(teacher, head, b.input_ids, b.attention_mask, b.loss_mask, top_k=top_k,
                               temperature=1.0, precision=precision)
-        err = max(err, float((lps - b.teacher_logprobs).abs().max()))
+        diff = (lps - b.teacher_logprobs).abs()
+        err = max(err, float(diff.max()))
+        rel = max(rel, float((diff / lps.abs().clamp_min(1e-6)).max()))
+        kl_sum += float(bucket_kl(lps, b.teacher_logprobs).sum())
+        n_tok += lps.shape[0]
+    fp32 = build_cache(CacheConfig(**{**cfg.__dict__, "out": str(work / "cache-fp32"), "logprob_dtype": "float32"}),
+                       **QUIET)
     return {
         "cache_build_s": summary.seconds,
         "cache_teacher_loop_s": summary.teacher_seconds,
@@ -143,6 +159,9 @@ def bench_cache(model: str, task: Path, rehearsal: Path, work: Path, top_k: int,
         "cache_vs_forward": plain_forward_s / summary.teacher_seconds,
         "bytes_per_token": summary.bytes_per_token,
         "logprob_max_abs_err": err,
+        "logprob_max_rel_err": rel,
+        "kl_fp32_vs_stored_per_token": kl_sum / max(n_tok, 1),
+        "bytes_per_token_fp32_storage": fp32.bytes_per_token,
         "padding_waste": summary.padding_waste,
         "examples": summary.examples,
         "precision": precision,
@@ -174,16 +193,16 @@ def reader_rows_per_s(run, batch_size: int, n_batches: int = 50) -> float:
     return n_batches * batch_size / timed(read)
 
 
-def bench_train(model: str, task: Path, rehearsal: Path, work: Path, steps: int, batch_size: int) -> dict:
+def bench_train(model: str, work: Path, steps: int, batch_size: int, checkpointing: bool) -> dict:
+    """SFT, cached KD and online KD steps on the same batches: the online run is the cached run with its targets
+    recomputed at every step by the base (adapter off), exactly what --online-teacher does."""
     base = {"model": model, "max_steps": 1000, "batch_size": batch_size, "overwrite": True,
-            "gradient_checkpointing": True}
-    cache = str(work / "cache")
+            "gradient_checkpointing": checkpointing, "cache": str(work / "cache")}
     out: dict = {}
-    for name, kw in (("sft", {"cache": cache, "kd_lambda": 0.0}), ("kd", {"cache": cache, "kd_lambda": 0.5}),
-                     ("online", {"online_teacher": True, "kd_lambda": 0.5, "task_train": str(task),
-                                 "rehearsal_train": str(rehearsal), "max_length": 512})):
+    for name, lam, online in (("sft", 0.0, False), ("kd", 0.5, False), ("online", 0.5, True)):
         t0 = time.perf_counter()
-        run = setup(TrainConfig(**base, **kw, out=str(work / f"train-{name}")), **QUIET)
+        run = setup(TrainConfig(**base, kd_lambda=lam, out=str(work / f"train-{name}")), **QUIET)
+        run.online = online
         out[f"setup_{name}_s"] = time.perf_counter() - t0
         out[f"step_{name}_s"] = time_steps(run, steps)
         if name == "kd":
@@ -198,24 +217,29 @@ def bench_train(model: str, task: Path, rehearsal: Path, work: Path, steps: int,
     return out
 
 
-def rss_probe(kind: str, model: str, work: Path, task: Path, rehearsal: Path, steps: int, batch_size: int) -> None:
-    """Child process: a few training steps, then print the peak RSS (MiB)."""
-    cached = kind == "cached"
-    cfg = TrainConfig(model=model, cache=str(work / "cache") if cached else None, out=str(work / f"rss-{kind}"),
-                      overwrite=True, kd_lambda=0.5, batch_size=batch_size, max_steps=1000,
-                      online_teacher=kind != "cached", task_train=None if kind == "cached" else str(task),
-                      rehearsal_train=None if kind == "cached" else str(rehearsal),
-                      max_length=None if kind == "cached" else 512)
+def rss_probe(kind: str, model: str, work: Path, steps: int, batch_size: int) -> None:
+    """Child process: a few KD training steps, then print the peak RSS of the training phase (MiB)."""
+    cfg = TrainConfig(model=model, cache=str(work / "cache"), out=str(work / f"rss-{kind}"), overwrite=True,
+                      kd_lambda=0.5, batch_size=batch_size, max_steps=1000)
     run = setup(cfg, **QUIET)
     if kind == "online-separate":  # a full-precision teacher beside the 4-bit student, as without caching
+        run.online = True
         run.teacher = load_model(resolve_model(model), run.device, run.precision, quantize=False)
+    # Loading peaks above training (the fp32 checkpoint is read, then quantised): measure the training phase.
+    # Writing 5 to clear_refs resets the kernel's high-water mark (VmHWM) to the current resident size.
+    reset = Path("/proc/self/clear_refs")
+    if reset.exists():
+        reset.write_text("5")
     time_steps(run, steps)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    status = Path("/proc/self/status")
+    hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM")] if status.exists() else []
+    peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": peak}))
 
 
-def peak_rss(kind: str, args, work: Path, model: str, task: Path, rehearsal: Path) -> float:
-    cmd = [sys.executable, __file__, "--rss-probe", kind, "--work", str(work), "--model-name", model, "--task",
-           str(task), "--rehearsal", str(rehearsal), "--steps", "2", "--batch-size", str(args.batch_size)]
+def peak_rss(kind: str, args, work: Path, model: str) -> float:
+    cmd = [sys.executable, __file__, "--rss-probe", kind, "--work", str(work), "--model-name", model, "--steps", "2",
+           "--batch-size", str(args.batch_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"rss probe {kind} failed:\n{proc.stderr[-2000:]}")
@@ -244,23 +268,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the tiny model built here (seconds) instead of SmolLM2")
     p.add_argument("--json", type=Path, help="write the figures to this file")
-    p.add_argument("--examples", type=int, help="task examples to cache (default 24 quick, 112 full)")
-    p.add_argument("--steps", type=int, help="timed train steps per variant (default 3 quick, 4 full)")
+    p.add_argument("--examples", type=int, help="task examples to cache (default 24 quick, 224 full)")
+    p.add_argument("--steps", type=int, help="timed train steps per variant (default 3 quick, 8 full)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="time train steps without recomputation (as the demo config runs)")
     p.add_argument("--rss-probe", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model-name", help=argparse.SUPPRESS)
-    p.add_argument("--task", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--rehearsal", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     quiet_transformers()
-    os.environ.setdefault("TQDM_DISABLE", "1")
     if args.rss_probe:
-        rss_probe(args.rss_probe, args.model_name, args.work, args.task, args.rehearsal, args.steps, args.batch_size)
+        rss_probe(args.rss_probe, args.model_name, args.work, args.steps, args.batch_size)
         return
-    n_examples = args.examples or (24 if args.quick else 112)
-    steps = args.steps or (3 if args.quick else 4)
+    n_examples = args.examples or (24 if args.quick else 224)
+    steps = args.steps or (3 if args.quick else 8)
     torch.manual_seed(0)
     np.random.seed(0)
     t_start = time.perf_counter()
@@ -268,7 +291,7 @@ def main() -> None:
         work = Path(tmp)
         model, task, rehearsal = make_data(work, args.quick, n_examples)
         figures = bench_cache(model, task, rehearsal, work, args.top_k, args.batch_size)
-        figures.update(bench_train(model, task, rehearsal, work, steps, args.batch_size))
+        figures.update(bench_train(model, work, steps, args.batch_size, not args.no_gradient_checkpointing))
         # A sweep of 4 lambdas, one epoch each, from the timed parts: with the cache, one cache build and 4
         # cached trainings; without, 4 online trainings. Each training loads the model (setup) once.
         n_rows = figures["examples"]
@@ -277,11 +300,12 @@ def main() -> None:
         online = 4 * (figures["setup_online_s"] + epoch_steps * figures["step_online_s"])
         figures.update({"sweep4_epoch_steps": epoch_steps, "sweep4_cached_s": cached, "sweep4_online_s": online,
                         "sweep4_cached_vs_online": cached / online})
-        figures["peak_rss_cached_mib"] = peak_rss("cached", args, work, model, task, rehearsal)
-        figures["peak_rss_online_separate_mib"] = peak_rss("online-separate", args, work, model, task, rehearsal)
+        figures["peak_rss_cached_mib"] = peak_rss("cached", args, work, model)
+        figures["peak_rss_online_separate_mib"] = peak_rss("online-separate", args, work, model)
         figures["peak_rss_cached_vs_online_separate"] = (figures["peak_rss_cached_mib"]
                                                         / figures["peak_rss_online_separate_mib"])
     figures.update({"model": "tiny (built here)" if args.quick else model, "batch_size": args.batch_size,
+                    "gradient_checkpointing": not args.no_gradient_checkpointing,
                     "top_k": args.top_k, "timed_steps": steps, "machine": machine(),
                     "wall_s": time.perf_counter() - t_start,
                     "date": time.strftime("%Y-%m-%d")})
@@ -291,11 +315,15 @@ def main() -> None:
                                        "read_vs_train", "padding_waste", "peak_rss_cached_vs_online_separate")]
     print(f"\nbenchmark: {figures['model']}, {figures['device']} ({figures['precision']}), "
           f"{figures['machine']['cores']} cores, torch {figures['machine']['torch']}, "
-          f"bitsandbytes {figures['machine']['bitsandbytes']}, {figures['examples']} cached examples")
+          f"bitsandbytes {figures['machine']['bitsandbytes']}, {figures['examples']} cached examples, gradient "
+          f"checkpointing {'on' if figures['gradient_checkpointing'] else 'off'}")
     print(f"| {'figure':<36} | {'value':>10} | {'target':<14} |")
     print(f"|{'-' * 38}|{'-' * 12}|{'-' * 16}|")
     for k, v in rows:
         print(f"| {k:<36} | {v:>10.4g} | {verdict(k, v):<14} |")
+    print(f"float16 log-probs: max relative error {figures['logprob_max_rel_err']:.2g}, KL(fp32 targets || stored) "
+          f"{figures['kl_fp32_vs_stored_per_token']:.2g} per token; float32 storage (--logprob-dtype float32): "
+          f"{figures['bytes_per_token_fp32_storage']:.1f} bytes per token")
     print("\nraw: " + ", ".join(f"{k} {figures[k]:.3g}" for k in (
         "cache_teacher_loop_s", "plain_forward_s", "cache_tokens_per_s", "plain_forward_tokens_per_s",
         "step_sft_s", "step_kd_s", "step_online_s", "train_tokens_per_s", "reader_rows_per_s",

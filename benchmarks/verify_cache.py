@@ -31,6 +31,10 @@ def main() -> None:
     p.add_argument("cache", type=Path)
     p.add_argument("--rows", type=int, default=60, help="rows to recompute, spread over the cache's parts")
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--kernel", choices=("packed", "default"), default="packed",
+                   help="CPU only. packed: the model in eval mode, where bitsandbytes repacks the 4-bit weights for "
+                        "its AVX512-BF16 inference kernel; default: the model in train mode (no dropout in these "
+                        "models), where bitsandbytes keeps its dequantise-and-matmul kernel, the one training uses")
     args = p.parse_args()
     quiet_transformers()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -43,7 +47,7 @@ def main() -> None:
         resolve_model(model_name), dtype=torch.float32, device_map={"": "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute))
-    model.eval()
+    model.train(args.kernel == "default")
     parts = [(r, s) for r in ("task", "rehearsal") for s in ("train", "eval") if cache.count(r, s)]
     per_part = max(args.rows // len(parts), 1)
     top1 = total = 0
@@ -66,7 +70,7 @@ def main() -> None:
     figures = {"rows": int(sum(1 for _ in errs)), "positions": total, "top1_agreement": top1 / total,
                "top5_logprob_max_abs_diff": max_err,
                "top5_logprob_mean_abs_diff": float(torch.cat(errs).mean()), "model": model_name,
-               "compute_dtype": str(compute)}
+               "compute_dtype": str(compute), "kernel": args.kernel}
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

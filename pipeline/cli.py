@@ -33,6 +33,11 @@ _METAVARS = {int: "INTEGER", float: "FLOAT"}
 DISTRIBUTED_COMMANDS = ("cache-teacher", "train")  # run under torchrun; the other commands run in one process
 
 
+def log_to_stderr(message: str) -> None:
+    """Progress notes for commands whose stdout is JSON, so that `pipeline train ... | jq` works."""
+    click.echo(message, err=True)
+
+
 def _default_text(f) -> str:
     default = f.default_factory() if f.default is MISSING else f.default
     if default is None or default == []:
@@ -166,7 +171,7 @@ def train_cmd(config_file: str | None, **flags) -> None:
 
     with distributed.launched():  # one rank of a torchrun job, or a plain single process
         cfg = distributed.agree(lambda: load_config(TrainConfig, config_file, flags))
-        result = train(cfg)
+        result = train(cfg, log=log_to_stderr)
         if distributed.is_main():
             click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
@@ -186,7 +191,7 @@ def evaluate_cmd(config_file: str | None, **flags) -> None:
     from pipeline.evaluate import dumps, evaluate
 
     cfg = load_config(EvalConfig, config_file, flags)
-    click.echo(dumps(evaluate(cfg)))
+    click.echo(dumps(evaluate(cfg, log=log_to_stderr)))
 
 
 @main.command("sweep")

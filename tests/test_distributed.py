@@ -219,7 +219,7 @@ def test_two_rank_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model
 
     resumed = torchrun([*args, "--out", out], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {out / 'checkpoints' / 'step-000004'} (step 4)" in resumed.stdout
+    assert f"resuming from {out / 'checkpoints' / 'step-000004'} (step 4)" in resumed.stderr
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (ref, out))
     assert a.keys() == b.keys()
     for name in a:

@@ -37,14 +37,16 @@ def invoke(args: Sequence[str]) -> Result:
 
 
 def assert_one_line_error(result: Result, *needles: str, exit_code: int = 1) -> str:
-    """The command stopped with exactly one short `error:` line on stderr containing every needle, no traceback."""
+    """The command stopped with exactly one short `error:` line, the last on stderr, containing every needle, and
+    no traceback. Progress notes (train and evaluate log to stderr, keeping stdout for JSON) may come before it."""
     assert result.exception is None or isinstance(result.exception, SystemExit), \
         f"uncaught {type(result.exception).__name__}: {result.exception}"
     assert "Traceback" not in result.output
     assert result.exit_code == exit_code, result.output
     lines = [line for line in result.stderr.strip().splitlines() if not PROGRESS_BAR.match(line)]
-    assert len(lines) == 1, result.stderr
-    line = lines[0]
+    errors = [line for line in lines if line.startswith("error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    line = errors[0]
     assert line.startswith("error: ") and len(line) < 600, line
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
