@@ -77,8 +77,9 @@ main_job() {
     "$P" cache-teacher --config "$CONFIG" --task-train "$DATA/task_train.jsonl" --task-eval "$DATA/task_eval.jsonl" \
         --rehearsal-train "$OUT/rehearsal_train.jsonl" --rehearsal-eval "$OUT/rehearsal_eval.jsonl" --out "$OUT/cache"
 
-    # 3. Stage two, several times from the same cache: lambda in {0, 0.5, 1} with 30% rehearsal, plus
-    #    plain QLoRA (no rehearsal, no distillation) as the forgetting baseline; each run is evaluated.
+    # 3. Stage two, several times from the same cache: lambda in {0, 0.5, 1} with 30% rehearsal, plain QLoRA
+    #    (no rehearsal, no distillation) as the forgetting baseline, and lambda 1 with the KL on rehearsal
+    #    examples only; each run is evaluated.
     "$P" sweep --config "$CONFIG" --cache "$OUT/cache" --out "$OUT/sweep"
 
     echo "main job done in $((SECONDS - t0)) s: $OUT/sweep/report.md, $OUT/sweep/tradeoff.png"

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,7 +53,14 @@ from pipeline.models import (  # noqa: E402
     resolve_precision,
 )
 from pipeline.reader import RowStream, collate_rows, open_cache  # noqa: E402
-from pipeline.train import loss_step, micro_batches, optimizer_step, setup  # noqa: E402
+from pipeline.train import (  # noqa: E402
+    loss_step,
+    micro_batches,
+    optimizer_step,
+    peak_memory_mb,
+    reset_peak_memory,
+    setup,
+)
 
 TARGETS = {  # key: (comparison, bound)
     "cache_vs_forward": (">=", 0.90),
@@ -225,15 +231,9 @@ def rss_probe(kind: str, model: str, work: Path, steps: int, batch_size: int) ->
     if kind == "online-separate":  # a full-precision teacher beside the 4-bit student, as without caching
         run.online = True
         run.teacher = load_model(resolve_model(model), run.device, run.precision, quantize=False)
-    # Loading peaks above training (the fp32 checkpoint is read, then quantised): measure the training phase.
-    # Writing 5 to clear_refs resets the kernel's high-water mark (VmHWM) to the current resident size.
-    reset = Path("/proc/self/clear_refs")
-    if reset.exists():
-        reset.write_text("5")
+    reset_peak_memory(run.device)  # loading peaks above training: measure the training phase
     time_steps(run, steps)
-    status = Path("/proc/self/status")
-    hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM")] if status.exists() else []
-    peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_memory_mb(run.device)
     print(json.dumps({"peak_rss_mib": peak}))
 
 

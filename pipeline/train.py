@@ -541,10 +541,24 @@ def _record(step: int, stats: StepStats, lr: float, grad_norm: float | None) -> 
     }
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring peak memory from now, so that it is the training loop's, not loading's (which reads a
+    full-precision checkpoint and quantises it) nor that of an earlier run in the same process (a sweep)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: writing 5 resets the high-water mark VmHWM to the current size
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since reset_peak_memory: CUDA memory allocated by torch, or the process's peak resident size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    with contextlib.suppress(OSError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, never reset
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,6 +579,7 @@ def fit(run: Run, log=print) -> dict:
     stats, best_avg, avg = StepStats(**loop.get("stats", {})), loop.get("best_avg", math.inf), loop.get("avg")
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     t_start = time.perf_counter()
+    reset_peak_memory(run.device)
     try:
         while run.step < cfg.max_steps:
             t0 = time.perf_counter()

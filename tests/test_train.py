@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -302,3 +303,16 @@ def test_rand_dropout_matches_dropout_in_distribution():
     assert torch.equal(drop.eval()(x), x)
     odd = drop.train()(torch.ones(3, 5, 7, dtype=torch.bfloat16))  # 105 elements: not a multiple of 4 lanes
     assert odd.shape == (3, 5, 7) and odd.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_is_measured_from_the_reset():
+    """The reported peak is the training loop's, not that of loading or of an earlier run in the process."""
+    from pipeline.train import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    before = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < before - 300
