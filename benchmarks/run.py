@@ -113,11 +113,11 @@ def bucket_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tenso
 
 
 def bench_cache(model: str, task: Path, rehearsal: Path, work: Path, top_k: int, batch_size: int) -> dict:
-    """cache-teacher against a plain transformers forward over the same length-sorted batches."""
+    """cache-teacher against a plain transformers forward over the same length-sorted batches. The plain forward
+    is timed before and after the cache build and averaged, so that a machine slowing down or speeding up during
+    the run (shared, noisy) does not favour either side."""
     cfg = CacheConfig(model=model, task_train=str(task), rehearsal_train=str(rehearsal), out=str(work / "cache"),
                       top_k=top_k, max_length=512, batch_size=batch_size)
-    summary = build_cache(cfg, **QUIET)
-
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
     device = resolve_device("auto")
@@ -137,7 +137,9 @@ def bench_cache(model: str, task: Path, rehearsal: Path, work: Path, top_k: int,
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 teacher(input_ids=b.input_ids, attention_mask=b.attention_mask)
 
-    plain_forward_s = timed(plain_forward)
+    before = timed(plain_forward)
+    summary = build_cache(cfg, **QUIET)
+    plain_forward_s = (before + timed(plain_forward)) / 2
 
     # Rounding error of the stored log-probs: recompute the first batches in fp32 in the cache's own batches.
     cache = open_cache(work / "cache")
@@ -199,22 +201,36 @@ def reader_rows_per_s(run, batch_size: int, n_batches: int = 50) -> float:
     return n_batches * batch_size / timed(read)
 
 
+def time_interleaved(runs: dict, steps: int) -> dict[str, float]:
+    """Median seconds per optimiser step of each run, the runs taking turns step by step (after one warm-up step
+    each), so that drift in the machine's speed hits all of them alike and single slow steps do not count."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for step in range(1, steps + 2):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            loss_step(run, micro_batches(run, step), measure_kl=False)
+            optimizer_step(run)
+            if step > 1:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def bench_train(model: str, work: Path, steps: int, batch_size: int, checkpointing: bool) -> dict:
     """SFT, cached KD and online KD steps on the same batches: the online run is the cached run with its targets
     recomputed at every step by the base (adapter off), exactly what --online-teacher does."""
     base = {"model": model, "max_steps": 1000, "batch_size": batch_size, "overwrite": True,
             "gradient_checkpointing": checkpointing, "cache": str(work / "cache")}
     out: dict = {}
+    runs = {}
     for name, lam, online in (("sft", 0.0, False), ("kd", 0.5, False), ("online", 0.5, True)):
         t0 = time.perf_counter()
-        run = setup(TrainConfig(**base, kd_lambda=lam, out=str(work / f"train-{name}")), **QUIET)
-        run.online = online
+        runs[name] = setup(TrainConfig(**base, kd_lambda=lam, out=str(work / f"train-{name}")), **QUIET)
+        runs[name].online = online
         out[f"setup_{name}_s"] = time.perf_counter() - t0
-        out[f"step_{name}_s"] = time_steps(run, steps)
-        if name == "kd":
-            out["tokens_per_step"] = sum(int(b.attention_mask.sum()) for b in micro_batches(run, 2))
-            out["reader_rows_per_s"] = reader_rows_per_s(run, batch_size)
-        del run
+    out.update({f"step_{name}_s": t for name, t in time_interleaved(runs, steps).items()})
+    out["tokens_per_step"] = sum(int(b.attention_mask.sum()) for b in micro_batches(runs["kd"], 2))
+    out["reader_rows_per_s"] = reader_rows_per_s(runs["kd"], batch_size)
+    del runs
     out["kd_vs_sft_step"] = out["step_kd_s"] / out["step_sft_s"]
     out["online_vs_cached_step"] = out["step_online_s"] / out["step_kd_s"]
     out["train_rows_per_s"] = batch_size / out["step_kd_s"]
@@ -223,10 +239,10 @@ def bench_train(model: str, work: Path, steps: int, batch_size: int, checkpointi
     return out
 
 
-def rss_probe(kind: str, model: str, work: Path, steps: int, batch_size: int) -> None:
+def rss_probe(kind: str, model: str, work: Path, steps: int, batch_size: int, checkpointing: bool) -> None:
     """Child process: a few KD training steps, then print the peak RSS of the training phase (MiB)."""
     cfg = TrainConfig(model=model, cache=str(work / "cache"), out=str(work / f"rss-{kind}"), overwrite=True,
-                      kd_lambda=0.5, batch_size=batch_size, max_steps=1000)
+                      kd_lambda=0.5, batch_size=batch_size, max_steps=1000, gradient_checkpointing=checkpointing)
     run = setup(cfg, **QUIET)
     if kind == "online-separate":  # a full-precision teacher beside the 4-bit student, as without caching
         run.online = True
@@ -240,6 +256,8 @@ def rss_probe(kind: str, model: str, work: Path, steps: int, batch_size: int) ->
 def peak_rss(kind: str, args, work: Path, model: str) -> float:
     cmd = [sys.executable, __file__, "--rss-probe", kind, "--work", str(work), "--model-name", model, "--steps", "2",
            "--batch-size", str(args.batch_size)]
+    if args.no_gradient_checkpointing:
+        cmd.append("--no-gradient-checkpointing")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"rss probe {kind} failed:\n{proc.stderr[-2000:]}")
@@ -280,7 +298,8 @@ def main() -> None:
     args = p.parse_args()
     quiet_transformers()
     if args.rss_probe:
-        rss_probe(args.rss_probe, args.model_name, args.work, args.steps, args.batch_size)
+        rss_probe(args.rss_probe, args.model_name, args.work, args.steps, args.batch_size,
+                  not args.no_gradient_checkpointing)
         return
     n_examples = args.examples or (24 if args.quick else 224)
     steps = args.steps or (3 if args.quick else 8)

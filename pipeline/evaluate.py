@@ -192,14 +192,24 @@ def plot_tradeoff(out: Path, rows: list[dict]) -> Path | None:
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    positive = [kl for name, kl, _ in points if name != "base" and kl > 0]
+    if positive and max(positive) > 10 * min(positive):
+        # Forgetting spans orders of magnitude (plain QLoRA far right, the distilled runs crowded near 0):
+        # logarithmic above the smallest run's KL, linear below it so that the base model's 0 has a place.
+        ax.set_xscale("symlog", linthresh=min(positive) / 2, linscale=0.5)
+    span = (max(p[2] for p in points) - min(p[2] for p in points)) or 1.0
     for name, kl, score in points:
         ax.scatter(kl, score, s=36, color="tab:gray" if name == "base" else "tab:blue", zorder=3)
-        ax.annotate(name, (kl, score), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("forgetting: KL(base || tuned) on held-out general prompts  (lower is better)")
+        # Label above-right, or below-right when a point just above and to the right would cover the label.
+        crowded = any(0 <= s2 - score < 0.06 * span and k2 > kl for n2, k2, s2 in points if n2 != name)
+        ax.annotate(name, (kl, score), textcoords="offset points", xytext=(6, -11 if crowded else 4), fontsize=8)
+    scale = ", log scale" if ax.get_xscale() == "symlog" else ""
+    ax.set_xlabel(f"forgetting: KL(base || tuned) on held-out general prompts{scale}  (lower is better)")
     ax.set_ylabel("task exact match  (higher is better)")
     ax.set_title("Learned vs forgotten")
     ax.grid(alpha=0.3)
-    ax.set_xlim(left=min(0.0, *(p[1] for p in points)) - 0.002)
+    if ax.get_xscale() == "linear":
+        ax.set_xlim(left=min(0.0, *(p[1] for p in points)) - 0.002)
     fig.tight_layout()
     path = out / "tradeoff.png"
     tmp = out / "tradeoff.tmp.png"
