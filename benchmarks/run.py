@@ -75,11 +75,10 @@ TARGETS = {  # key: (comparison, bound)
 QUIET = {"log": lambda *_: None}
 
 
-def timed(fn, repeat: int = 1) -> float:
+def timed(fn) -> float:
     t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
+    fn()
+    return time.perf_counter() - t0
 
 
 def make_data(work: Path, quick: bool, n_examples: int) -> tuple[str, Path, Path]:

@@ -353,7 +353,7 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
             "inputs": input_records,
             "storage": {"token_ids": id_type, "logprobs": cfg.logprob_dtype,
                         "compression": f"{PARQUET_ENCODING['compression']}-{PARQUET_ENCODING['compression_level']}",
-                        "byte_stream_split": ["target_logprobs", "target_token_ids"]},
+                        "byte_stream_split": [c.split(".")[0] for c in PARQUET_ENCODING["use_byte_stream_split"]]},
             "shard_size": cfg.shard_size,
             "batch_size": cfg.batch_size,
             "skip_bad_lines": cfg.skip_bad_lines,

@@ -153,7 +153,13 @@ def check_resume_settings(cfg: TrainConfig, out: Path, cache_fingerprint: str | 
                             "started with); resume with the same cache or use --overwrite")
 
 
-ONLINE_DEFAULTS = {"top_k": 32, "temperature": 1.0, "max_length": 512}  # cache-teacher's defaults
+def cache_default(name: str):
+    """cache-teacher's default for a setting: what --online-teacher uses when the flag is not given."""
+    from dataclasses import fields
+
+    from pipeline.config import CacheConfig
+
+    return next(f.default for f in fields(CacheConfig) if f.name == name)
 
 
 def online_rows(cfg: TrainConfig, tokenizer, log=print) -> MemoryRows:
@@ -162,7 +168,7 @@ def online_rows(cfg: TrainConfig, tokenizer, log=print) -> MemoryRows:
     from pipeline.config import CacheConfig
 
     ccfg = CacheConfig(model=cfg.model, task_train=cfg.task_train, rehearsal_train=cfg.rehearsal_train, out="-",
-                       max_length=cfg.max_length or ONLINE_DEFAULTS["max_length"], skip_bad_lines=cfg.skip_bad_lines)
+                       max_length=cfg.max_length or cache_default("max_length"), skip_bad_lines=cfg.skip_bad_lines)
     examples, _, _ = prepare(ccfg, tokenizer, log)
     empty_ids, empty_lps = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
     return MemoryRows([CachedRow(e.id, e.role, e.split, np.asarray(e.input_ids, np.int64),
@@ -233,8 +239,8 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         log(f"cache {describe(cache)}")
         top_k, temperature = cache.top_k, cache.temperature
     else:
-        top_k = cfg.top_k or ONLINE_DEFAULTS["top_k"]
-        temperature = cfg.temperature or ONLINE_DEFAULTS["temperature"]
+        top_k = cfg.top_k or cache_default("top_k")
+        temperature = cfg.temperature or cache_default("temperature")
         log(f"online teacher: top_k {top_k}, T {temperature} (task {rows.count('task', 'train')}, rehearsal "
             f"{n_reh} training rows)")
     log(f"model {cfg.model}: {sum(p.numel() for p in params):,} trainable LoRA parameters, {precision}, {device}")
