@@ -294,8 +294,9 @@ class RandDropout(torch.nn.Module):
     [cpu dropout note] On CPU the random numbers are the cost: nn.Dropout's bernoulli_ took 22% of a
     SmolLM2-135M training step (210 LoRA layers drop their inputs, twice with gradient checkpointing), and
     torch.rand still 18%. One random int64 gives four uniform 16-bit lanes, each compared with
-    round(p * 65536): 1.3 ms instead of 4.7 ms for a (8, 110, 1536) input on 2 cores. Each element is kept
-    with probability 1 - p' and scaled by 1 / (1 - p'), p' = round(p * 65536) / 65536 (|p' - p| <= 7.6e-6).
+    round(p * 65536): 3.0 ms instead of nn.Dropout's 7.5 ms for an fp32 (8, 110, 1536) input on 2 cores.
+    Each element is kept with probability 1 - p' and scaled by 1 / (1 - p'), p' = round(p * 65536) / 65536
+    (|p' - p| <= 7.6e-6).
     """
 
     def __init__(self, p: float):
