@@ -40,9 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the table's output (read when tqdm is imported)
 
-from pipeline.cache import build_cache, prepare, teacher_topk  # noqa: E402
+from pipeline.cache import build_cache, prepare  # noqa: E402
 from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
 from pipeline.data import collate, length_batches  # noqa: E402
+from pipeline.metrics import peak_memory_mb, reset_peak_memory  # noqa: E402
 from pipeline.models import (  # noqa: E402
     load_model,
     load_tokenizer,
@@ -53,14 +54,8 @@ from pipeline.models import (  # noqa: E402
     resolve_precision,
 )
 from pipeline.reader import RowStream, collate_rows, open_cache  # noqa: E402
-from pipeline.train import (  # noqa: E402
-    loss_step,
-    micro_batches,
-    optimizer_step,
-    peak_memory_mb,
-    reset_peak_memory,
-    setup,
-)
+from pipeline.teacher import teacher_topk  # noqa: E402
+from pipeline.train import loss_step, micro_batches, optimizer_step, setup  # noqa: E402
 
 TARGETS = {  # key: (comparison, bound)
     "cache_vs_forward": (">=", 0.90),

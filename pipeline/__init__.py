@@ -4,4 +4,4 @@ QLoRA on a frozen 4-bit base, Learning-without-Forgetting distillation against a
 rehearsal of general data. See README.md and DESIGN.md for the contract.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

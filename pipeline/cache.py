@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import time
 from collections import Counter
@@ -36,62 +35,29 @@ from pipeline.data import ROLES, SPLITS, Tokenized, collate, length_batches, pad
 from pipeline.errors import PipelineError
 from pipeline.faults import crash_point
 from pipeline.fileio import TMP_MARK, atomic_path, atomic_write_json, read_json, remove_tmp_files, sha256_file
-from pipeline.losses import topk_logprobs
+from pipeline.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PARQUET_ENCODING,
+    ROW_GROUP_SIZE,
+    SHARD_META_KEY,
+    describe_differences,
+    ids_digest,
+    is_shard_name,
+    settings_differences,
+    shard_name,
+    shard_table,
+    storage_settings,
+)
 from pipeline.models import (
-    forward_hidden,
     load_model,
-    load_tokenizer,
-    model_fingerprint,
+    open_model_source,
     output_head,
     quantization_settings,
     resolve_device,
-    resolve_model,
     resolve_precision,
-    response_positions,
-    tokenizer_fingerprint,
 )
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SHARD_META_KEY = b"pipeline"
-ROW_GROUP_SIZE = 128  # rows per Parquet row group: the unit the reader decodes at a time
-# Settings that decide the content of a cache; a rerun or a reader must agree on all of them.
-SETTINGS_KEYS = ("format_version", "teacher", "quantization", "precision", "tokenizer", "max_length", "top_k",
-                 "temperature", "inputs", "storage", "shard_size", "batch_size", "skip_bad_lines")
-
-
-def _flatten(d: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(d, dict):
-        out: dict[str, object] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(d, list):
-        out = {}
-        for i, v in enumerate(d):
-            out.update(_flatten(v, f"{prefix[:-1]}[{i}]."))
-        if not d:
-            out[prefix[:-1]] = []
-        return out
-    return {prefix[:-1]: d}
-
-
-def _informational(key: str) -> bool:
-    """Recorded for people, not compared: where the model and the inputs were (content is compared by hash)."""
-    return key == "teacher.model" or key.endswith(".path")
-
-
-def settings_differences(have: dict, want: dict, keys: Sequence[str] = SETTINGS_KEYS) -> list[str]:
-    """'field: cache has X, asked for Y' for every setting that differs (dotted paths into nested values)."""
-    a = _flatten({k: have.get(k) for k in keys})
-    b = _flatten({k: want.get(k) for k in keys})
-    return [f"{k}: cache has {a.get(k)!r}, asked for {b.get(k)!r}" for k in sorted(set(a) | set(b), key=str)
-            if a.get(k) != b.get(k) and not _informational(k)]
-
-
-def describe_differences(diffs: list[str], limit: int = 3) -> str:
-    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
-    return "; ".join(diffs[:limit]) + more
+from pipeline.teacher import LOGPROB_DTYPES, teacher_topk
 
 
 @dataclass
@@ -103,7 +69,7 @@ class ShardPlan:
 
     @property
     def name(self) -> str:
-        return f"shard-{self.index:05d}.parquet"
+        return shard_name(self.index)
 
 
 def plan_shards(examples: Sequence[Tokenized], shard_size: int) -> list[ShardPlan]:
@@ -116,60 +82,6 @@ def plan_shards(examples: Sequence[Tokenized], shard_size: int) -> list[ShardPla
             for start in range(0, len(idx), shard_size):
                 plans.append(ShardPlan(len(plans), role, split, idx[start:start + shard_size]))
     return plans
-
-
-def _ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
-
-
-def _list_array(values: np.ndarray, counts: np.ndarray) -> pa.ListArray:
-    offsets = np.zeros(len(counts) + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def shard_table(rows: Sequence[Tokenized], top_ids: np.ndarray, top_lps: np.ndarray, id_type: str) -> pa.Table:
-    """Build the Parquet table of one shard.
-
-    Args:
-        top_ids, top_lps: (N, k) for all response tokens of `rows`, in row order then position order.
-    """
-    n_resp = np.array([sum(r.loss_mask) for r in rows], dtype=np.int64)
-    lengths = np.array([len(r.input_ids) for r in rows], dtype=np.int64)
-    flat_ids = np.concatenate([np.asarray(r.input_ids) for r in rows]).astype(id_type)
-    flat_mask = np.concatenate([np.asarray(r.loss_mask, dtype=bool) for r in rows])
-    return pa.table({
-        "example_id": pa.array([r.id for r in rows], type=pa.string()),
-        "role": pa.array([r.role for r in rows], type=pa.string()),
-        "split": pa.array([r.split for r in rows], type=pa.string()),
-        "input_ids": _list_array(flat_ids, lengths),
-        "loss_mask": _list_array(flat_mask, lengths),
-        "target_token_ids": _nested(top_ids.astype(id_type), n_resp),
-        "target_logprobs": _nested(top_lps, n_resp),
-    })
-
-
-def _nested(values: np.ndarray, n_per_row: np.ndarray) -> pa.ListArray:
-    """(N, k) -> list<list<T>> with n_per_row[i] inner lists of k values in row i."""
-    n, k = values.shape
-    inner = _list_array(values.reshape(-1), np.full(n, k, dtype=np.int64))
-    offsets = np.zeros(len(n_per_row) + 1, dtype=np.int32)
-    np.cumsum(n_per_row, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), inner)
-
-
-# [parquet encoding note] Measured on the demo cache (SmolLM2, k=32, 26k response tokens), bytes per response
-# token: zstd-3 with pyarrow's defaults 112; without dictionary pages for the nested columns (49k-token
-# vocabulary: the dictionary falls back anyway) 103; plus byte-stream-split of the float16 log-probs and the
-# ids (uint16 is stored as 4-byte INT32; split, its zero high bytes compress away) 94.9; zstd-9 93.5,
-# zstd-15 92.5 (slower to write, for 1%).
-PARQUET_ENCODING = {
-    "compression": "zstd",
-    "compression_level": 9,
-    "use_dictionary": ["example_id", "role", "split"],
-    "use_byte_stream_split": ["target_logprobs.list.element.list.element",
-                              "target_token_ids.list.element.list.element"],
-}
 
 
 def write_shard(path: Path, table: pa.Table, meta: dict) -> None:
@@ -287,7 +199,7 @@ def check_out_dir(out: Path, settings: dict) -> dict | None:
     if not out.is_dir():
         raise PipelineError(f"{out}: exists and is not a directory")
     names = [p.name for p in out.iterdir() if TMP_MARK not in p.name]
-    foreign = [n for n in names if n != MANIFEST and not (n.startswith("shard-") and n.endswith(".parquet"))]
+    foreign = [n for n in names if n != MANIFEST and not is_shard_name(n)]
     if foreign:
         raise PipelineError(f"{out}: not empty and not a cache directory (found {foreign[0]}); choose another --out")
     manifest = None
@@ -331,29 +243,26 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
     rank, world = distributed.rank(), distributed.world_size()
     log = log if rank == 0 else lambda *_: None  # every rank reads the same inputs: rank 0 alone reports
     # A GGUF model is converted and the weights are hashed once per machine; the other ranks find the result.
-    model_dir = distributed.main_first(lambda: resolve_model(cfg.model))
-    fingerprint = distributed.main_first(lambda: model_fingerprint(model_dir))
+    source = open_model_source(cfg.model)
+    fingerprint = source.fingerprint
 
     def read_inputs() -> tuple[object, list[Tokenized], dict, dict, torch.device]:
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = source.tokenizer
         examples, input_records, counts = prepare(cfg, tokenizer, log)
         device = distributed.place(resolve_device(cfg.device))
         precision = resolve_precision(cfg.precision, device)
         vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0))
-        id_type = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "int32"
         settings = {
             "format_version": FORMAT_VERSION,
             "teacher": {"model": cfg.model, "fingerprint": fingerprint},
             "quantization": quantization_settings(precision),
             "precision": precision,
-            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "tokenizer": source.tokenizer_fingerprint,
             "max_length": cfg.max_length,
             "top_k": cfg.top_k,
             "temperature": cfg.temperature,
             "inputs": input_records,
-            "storage": {"token_ids": id_type, "logprobs": cfg.logprob_dtype,
-                        "compression": f"{PARQUET_ENCODING['compression']}-{PARQUET_ENCODING['compression_level']}",
-                        "byte_stream_split": [c.split(".")[0] for c in PARQUET_ENCODING["use_byte_stream_split"]]},
+            "storage": storage_settings(vocab, cfg.logprob_dtype),
             "shard_size": cfg.shard_size,
             "batch_size": cfg.batch_size,
             "skip_bad_lines": cfg.skip_bad_lines,
@@ -394,14 +303,14 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
         meta = read_shard_meta(path) if path.exists() else None
         ids = [examples[i].id for i in p.rows]
         if (meta is not None and not settings_differences(meta.get("settings", {}), settings)
-                and meta.get("ids_sha256") == _ids_digest(ids) and shard_is_complete(path, meta, len(ids))
+                and meta.get("ids_sha256") == ids_digest(ids) and shard_is_complete(path, meta, len(ids))
                 and (p.name not in listed or listed[p.name] == sha256_file(path))):
             continue  # finished by an earlier run
         todo.append(p)
 
     teacher_seconds = 0.0
     if todo:
-        model = load_model(model_dir, device, precision)
+        model = load_model(source.path, device, precision)
         crash_point("model_loaded")
         head = output_head(model)
         t_teacher = time.perf_counter()
@@ -428,7 +337,7 @@ def _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, o
     from tqdm.auto import tqdm
 
     pad_id = tokenizer.pad_token_id
-    lp_dtype = np.float16 if cfg.logprob_dtype == "float16" else np.float32
+    lp_dtype = LOGPROB_DTYPES[cfg.logprob_dtype]
     # One bar, rank 0's: it shows that rank's share, which is about 1/world_size of the work.
     desc = "cache-teacher" if distributed.world_size() == 1 else f"cache-teacher (rank 0 of {distributed.world_size()})"
     bar = tqdm(total=sum(len(p.rows) for p in todo), unit="ex", desc=desc, dynamic_ncols=True,
@@ -458,26 +367,11 @@ def _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, o
                 crash_point("teacher_batch")
             table = shard_table(rows, np.concatenate(row_ids), np.concatenate(row_lps), id_type)
             meta = {"settings": settings, "index": plan.index, "role": plan.role, "split": plan.split,
-                    "rows": len(rows), "ids_sha256": _ids_digest([r.id for r in rows])}
+                    "rows": len(rows), "ids_sha256": ids_digest([r.id for r in rows])}
             write_shard(out / plan.name, table, meta)
             crash_point("shard_written")
     finally:
         bar.close()
-
-
-@torch.inference_mode()
-def teacher_topk(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
-                 top_k: int, temperature: float, precision: str, chunk_size: int = 1024
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k ids and fp32 log-probs of the teacher at every response position of a batch.
-
-    Returns:
-        ids (N, k) long and logprobs (N, k) fp32, N = loss_mask.sum(), in row-major order.
-    """
-    hidden = forward_hidden(model, input_ids, attention_mask, precision)  # (B, T, H)
-    rows, cols = response_positions(loss_mask)
-    return topk_logprobs(hidden[rows, cols], head.weight, top_k, bias=head.bias, temperature=temperature,
-                         chunk_size=chunk_size, logit_softcap=head.softcap)
 
 
 def write_manifest(out: Path, settings: dict, plans: Sequence[ShardPlan], examples: Sequence[Tokenized],

@@ -219,7 +219,7 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     eval_cfg = load_config(EvalConfig, config_file, {"cache": cfg.cache, "limit": cfg.eval_limit})
     command = "pipeline sweep " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["sweep"] else "pipeline sweep"
     rows = sweep(cfg, fixed, eval_cfg, command=command)
-    from pipeline.evaluate import report_table
+    from pipeline.report import report_table
 
     click.echo(report_table(rows))
     click.echo(f"report: {cfg.out}/report.md, plot: {cfg.out}/tradeoff.png")

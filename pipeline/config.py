@@ -394,3 +394,11 @@ def section_values(config_file: str | None, section: str) -> dict[str, Any]:
     data, _ = read_config_file(config_file)
     body = data.get(section)
     return dict(body) if isinstance(body, dict) else {}
+
+
+def config_differences(have: dict[str, Any], want: dict[str, Any], ignore: tuple[str, ...] = ()
+                       ) -> list[tuple[str, Any, Any]]:
+    """(key, have, want) for every setting whose value differs between two resolved configs (as in run.yaml),
+    keys in `ignore` left out: how a resumed run and a kept sweep run are checked against what was asked."""
+    return [(k, have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
+            if k not in ignore and have.get(k) != want.get(k)]

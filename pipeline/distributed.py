@@ -228,3 +228,21 @@ def main_first(fn: Callable[[], T]) -> T:
     result = agree(fn if first else lambda: None)
     later = agree(lambda: None if first else fn())
     return result if first else later  # type: ignore[return-value]
+
+
+def wrap_ddp(body: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Wrap the decoder body (where every LoRA parameter lives) in DistributedDataParallel.
+
+    [ddp wrapping note] The output head runs outside the body, in losses.py, and is frozen, so the body is
+    all DDP needs to see. Every LoRA parameter is used in every forward, so find_unused_parameters stays
+    off; gradient checkpointing is non-reentrant (models.attach_lora), which DDP supports without
+    static_graph. The frozen 4-bit base and the buffers are loaded from the same files on every rank and
+    never change: DDP is told to ignore them, so it neither broadcasts the whole base model at start nor
+    the buffers before every forward; only the LoRA parameters are broadcast from rank 0 at start.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [n for n, p in body.named_parameters() if not p.requires_grad] + [n for n, _ in body.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(body, frozen)
+    return DistributedDataParallel(body, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=False)

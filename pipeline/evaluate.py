@@ -1,4 +1,4 @@
-"""`pipeline evaluate`: how much an adapter learned and how much it forgot, and the sweep's report and plot.
+"""`pipeline evaluate`: how much an adapter learned and how much it forgot.
 
 Everything is scored on the cache's held-out rows, so evaluation needs neither the original JSONL nor the
 teacher model:
@@ -11,7 +11,6 @@ teacher model:
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 from collections.abc import Sequence
@@ -22,22 +21,12 @@ import torch
 from pipeline import __version__
 from pipeline.config import EvalConfig
 from pipeline.errors import PipelineError
-from pipeline.fileio import atomic_write_json, atomic_write_text
-from pipeline.generate import generate_all, load_adapter
+from pipeline.fileio import atomic_write_json
+from pipeline.format import CachedRow
+from pipeline.generate import generate_all
 from pipeline.losses import response_losses
-from pipeline.models import (
-    forward_hidden,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    output_head,
-    resolve_device,
-    resolve_model,
-    resolve_precision,
-    response_positions,
-    tokenizer_fingerprint,
-)
-from pipeline.reader import Cache, CachedRow, collate_rows, open_cache
+from pipeline.models import forward_hidden, load_for_inference, open_model_source, output_head, response_positions
+from pipeline.reader import Cache, collate_rows, open_cache
 
 
 @torch.inference_mode()
@@ -100,15 +89,10 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     reh_rows = eval_rows(cache, "rehearsal", cfg.limit)
     if not task_rows and not reh_rows:
         raise PipelineError(f"{cache.path}: no eval rows; cache --task-eval and/or --rehearsal-eval data")
-    model_dir = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_dir)
-    cache.check_compatible(model_fingerprint=model_fingerprint(model_dir),
-                           tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    model = load_model(model_dir, device, precision)
-    if cfg.adapter:
-        model = load_adapter(model, cfg.adapter)
+    source = open_model_source(cfg.model)
+    tokenizer = source.tokenizer
+    cache.check_compatible(model_fingerprint=source.fingerprint, tokenizer_fingerprint=source.tokenizer_fingerprint)
+    model, device, precision = load_for_inference(source, cfg.device, cfg.precision, cfg.adapter)
     common = {"pad_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size, "device": device,
               "precision": precision, "temperature": cache.temperature}
     report: dict = {"model": cfg.model, "adapter": cfg.adapter, "cache": str(cache.path),
@@ -138,85 +122,6 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(cfg.out), report)
     return report
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# sweep report
-# ----------------------------------------------------------------------------------------------------------------
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def report_table(rows: list[dict]) -> str:
-    """Markdown table, one row per run: setting, task score, task CE, forgetting KL, general CE, train time."""
-    head = ["run", "kd_lambda", "rehearsal", "kd_on", "task exact match", "task CE", "forgetting KL", "general CE",
-            "train time (s)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        ev = r.get("eval", {})
-        task, forget = ev.get("task", {}), ev.get("forgetting", {})
-        lines.append("| " + " | ".join([
-            r["name"], _fmt(r.get("kd_lambda"), 2), _fmt(r.get("rehearsal_ratio"), 2), r.get("kd_on") or "-",
-            _fmt(task.get("exact_match"), 3), _fmt(task.get("ce")), _fmt(forget.get("kl")), _fmt(forget.get("ce")),
-            _fmt(r.get("train_seconds"), 0)]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(out: Path, rows: list[dict], *, command: str, extra: str = "") -> Path:
-    """OUT/report.md: the table, the command and the date."""
-    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    text = (f"# Sweep report\n\nCommand: `{command}`  \nDate: {date}  \npipeline {__version__}\n\n"
-            + report_table(rows) + "\n"
-            "Task exact match: greedy answer equals the reference (higher is better). Forgetting KL: mean per-token "
-            "KL(base || tuned) on held-out general prompts (lower is better; 0 for the base model). General CE: "
-            "cross-entropy of the held-out general answers under the model.\n" + extra)
-    atomic_write_text(out / "report.md", text)
-    return out / "report.md"
-
-
-def plot_tradeoff(out: Path, rows: list[dict]) -> Path | None:
-    """OUT/tradeoff.png: task score against forgetting KL, one labelled point per run (base included)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [(r["name"], r["eval"]["forgetting"]["kl"], r["eval"]["task"].get("exact_match"))
-              for r in rows if r.get("eval", {}).get("forgetting") and r.get("eval", {}).get("task")]
-    points = [p for p in points if p[2] is not None]
-    if not points:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    positive = [kl for name, kl, _ in points if name != "base" and kl > 0]
-    if positive and max(positive) > 10 * min(positive):
-        # Forgetting spans orders of magnitude (plain QLoRA far right, the distilled runs crowded near 0):
-        # logarithmic above the smallest run's KL, linear below it so that the base model's 0 has a place.
-        ax.set_xscale("symlog", linthresh=min(positive) / 2, linscale=0.5)
-    span = (max(p[2] for p in points) - min(p[2] for p in points)) or 1.0
-    for name, kl, score in points:
-        ax.scatter(kl, score, s=36, color="tab:gray" if name == "base" else "tab:blue", zorder=3)
-        # Label above-right, or below-right when a point just above and to the right would cover the label.
-        crowded = any(0 <= s2 - score < 0.06 * span and k2 > kl for n2, k2, s2 in points if n2 != name)
-        ax.annotate(name, (kl, score), textcoords="offset points", xytext=(6, -11 if crowded else 4), fontsize=8)
-    scale = ", log scale" if ax.get_xscale() == "symlog" else ""
-    ax.set_xlabel(f"forgetting: KL(base || tuned) on held-out general prompts{scale}  (lower is better)")
-    ax.set_ylabel("task exact match  (higher is better)")
-    ax.set_title("Learned vs forgotten")
-    ax.grid(alpha=0.3)
-    if ax.get_xscale() == "linear":
-        ax.set_xlim(left=min(0.0, *(p[1] for p in points)) - 0.002)
-    fig.tight_layout()
-    path = out / "tradeoff.png"
-    tmp = out / "tradeoff.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def dumps(report: dict) -> str:

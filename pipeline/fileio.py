@@ -82,6 +82,31 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     fsync_dir(final_dir.parent)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory to fill; on success fsync its files and move it onto `path`.
+
+    The directory counterpart of `atomic_path`: a reader sees the old directory or the complete new one. On any
+    exception the temporary directory is removed; errors from a full or read-only disk become a PipelineError
+    naming `path`.
+    """
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        replace_dir(tmp, path)
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot write: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def remove_tmp_files(directory: Path) -> int:
     """Delete leftovers of interrupted writes in `directory`; returns how many were removed."""
     n = 0

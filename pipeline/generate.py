@@ -22,35 +22,8 @@ from pipeline.config import GenerateConfig, RehearsalConfig
 from pipeline.data import Example, parse_line, read_jsonl, render_prompt_ids
 from pipeline.errors import PipelineError
 from pipeline.faults import crash_point
-from pipeline.models import autocast, load_model, load_tokenizer, resolve_device, resolve_model, resolve_precision
-
-
-def load_adapter(model, adapter: str | Path):
-    """Put a trained PEFT adapter on a loaded base model (for inference)."""
-    from peft import PeftModel
-
-    path = Path(adapter)
-    if not (path / "adapter_config.json").is_file():
-        raise PipelineError(f"{path}: not an adapter directory (no adapter_config.json); pass OUT/adapter of a "
-                            "finished train run")
-    try:
-        model = PeftModel.from_pretrained(model, path)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise PipelineError(f"{path}: cannot load adapter on this model: {' '.join(str(e).split())[:300]}") from e
-    model.eval()
-    return model
-
-
-def load_for_inference(model_name: str, device_name: str, precision_name: str, adapter: str | None = None):
-    """(model, tokenizer, device, precision) for generation/evaluation: the 4-bit base, plus the adapter if given."""
-    model_dir = resolve_model(model_name)
-    tokenizer = load_tokenizer(model_dir)
-    device = resolve_device(device_name)
-    precision = resolve_precision(precision_name, device)
-    model = load_model(model_dir, device, precision)
-    if adapter:
-        model = load_adapter(model, adapter)
-    return model, tokenizer, device, precision
+from pipeline.fileio import atomic_write_text
+from pipeline.models import autocast, load_for_inference, open_model_source
 
 
 class InverseCdfSampler:
@@ -209,7 +182,9 @@ def make_rehearsal(cfg: RehearsalConfig, log=print) -> RehearsalSummary:
     done = {i for i, ex in enumerate(prompts) if ex.id in done_ids}
     counts = {"empty": 0, "hit": 0, "new": 0}
     if len(done) < len(prompts):
-        model, tokenizer, device, precision = load_for_inference(cfg.model, cfg.device, cfg.precision)
+        source = open_model_source(cfg.model)
+        tokenizer = source.tokenizer
+        model, device, precision = load_for_inference(source, cfg.device, cfg.precision)
         prompt_ids = [render_prompt_ids(tokenizer, ex.messages) for ex in prompts]
         temperature = 0.0 if cfg.greedy else cfg.temperature
         try:
@@ -263,7 +238,9 @@ def read_prompts(cfg: GenerateConfig) -> list[Example]:
 def generate(cfg: GenerateConfig) -> list[dict]:
     """Answer the prompts; returns one record per prompt (also written to cfg.out as JSONL if given)."""
     examples = read_prompts(cfg)
-    model, tokenizer, device, precision = load_for_inference(cfg.model, cfg.device, cfg.precision, cfg.adapter)
+    source = open_model_source(cfg.model)
+    tokenizer = source.tokenizer
+    model, device, precision = load_for_inference(source, cfg.device, cfg.precision, cfg.adapter)
     prompt_ids = [render_prompt_ids(tokenizer, ex.messages) for ex in examples]
     outs = generate_all(model, tokenizer, prompt_ids, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.temperature, seed=cfg.seed, device=device, precision=precision,
@@ -272,7 +249,5 @@ def generate(cfg: GenerateConfig) -> list[dict]:
                 "answer": tokenizer.decode(ids, skip_special_tokens=True).strip()}
                for ex, ids in zip(examples, outs, strict=True)]
     if cfg.out:
-        from pipeline.fileio import atomic_write_text
-
         atomic_write_text(Path(cfg.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records

@@ -13,23 +13,26 @@ teacher computed, and the KL at step 0 is ~0 up to batch-shape rounding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from pipeline import distributed
 from pipeline.config import BUILTIN_MODEL
 from pipeline.errors import PipelineError
-from pipeline.fileio import TMP_MARK, atomic_write_json, read_json, sha256_file
+from pipeline.faults import crash_point
+from pipeline.fileio import atomic_dir, atomic_write_json, read_json, sha256_file
 
 
 @dataclass(frozen=True)
@@ -101,30 +104,22 @@ def convert_gguf(gguf: Path) -> Path:
 
     quiet_transformers()
     print(f"converting {gguf.name} to safetensors in {target} (once)...", file=sys.stderr, flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}{TMP_MARK}{os.getpid()}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The dequantised weights are plain tensors now; drop the GGUF marker so save_pretrained accepts them.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "pipeline_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_16": key}) + "\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # another process finished first: fine
-                raise
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "pipeline_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_16": key}) + "\n")
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, PipelineError):
             raise
         raise PipelineError(f"{gguf}: cannot convert GGUF model: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -191,6 +186,35 @@ def load_tokenizer(model_dir: Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@dataclass
+class ModelSource:
+    """What `--model` names, resolved once for a command: the local directory, its tokenizer, and the
+    fingerprints a cache records (the weights' hash is computed only when asked for, then memoised)."""
+
+    name: str
+    path: Path
+    tokenizer: Any
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        # Under torchrun every rank asks at the same point; local rank 0 hashes, the others find the memo.
+        return distributed.main_first(lambda: model_fingerprint(self.path))
+
+    @functools.cached_property
+    def tokenizer_fingerprint(self) -> str:
+        return tokenizer_fingerprint(self.tokenizer)
+
+
+def open_model_source(name: str) -> ModelSource:
+    """Resolve `--model` (converting a GGUF file once per machine) and load its tokenizer. Every command starts here.
+
+    Raises:
+        PipelineError: on every rank alike under torchrun, for an unknown model or a tokenizer without a chat template.
+    """
+    path = distributed.main_first(lambda: resolve_model(name))
+    return ModelSource(name, path, distributed.agree(lambda: load_tokenizer(path)))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -392,6 +416,39 @@ def eval_mode(model) -> Iterator[None]:
         model.train(was_training)
 
 
+def load_adapter(model, adapter: str | Path):
+    """Put a trained PEFT adapter on a loaded base model (for inference)."""
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise PipelineError(f"{path}: not an adapter directory (no adapter_config.json); pass OUT/adapter of a "
+                            "finished train run")
+    try:
+        model = PeftModel.from_pretrained(model, path)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise PipelineError(f"{path}: cannot load adapter on this model: {' '.join(str(e).split())[:300]}") from e
+    model.eval()
+    return model
+
+
+def save_adapter(model, path: Path) -> None:
+    """save_pretrained into a temporary directory, then rename: `path` is always a complete adapter."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        crash_point("adapter_tmp_written")
+
+
+def load_for_inference(source: ModelSource, device_name: str, precision_name: str, adapter: str | None = None):
+    """(model, device, precision) for generation/evaluation: the 4-bit base, plus the adapter if given."""
+    device = resolve_device(device_name)
+    precision = resolve_precision(precision_name, device)
+    model = load_model(source.path, device, precision)
+    if adapter:
+        model = load_adapter(model, adapter)
+    return model, device, precision
+
+
 def merge_adapter(model_name: str, adapter: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Fold a LoRA adapter into a full-precision copy of the base and save a plain HF model directory.
 
@@ -400,27 +457,16 @@ def merge_adapter(model_name: str, adapter: str | Path, out: str | Path, dtype: 
     """
     from transformers import AutoModelForCausalLM
 
-    from pipeline.fileio import replace_dir
-
     quiet_transformers()
-    model_dir = resolve_model(model_name)
-    tokenizer = load_tokenizer(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    from pipeline.generate import load_adapter
-
+    source = open_model_source(model_name)
+    base = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
     merged = load_adapter(base, adapter).merge_and_unload()
     merged = merged.to(getattr(torch, dtype))
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise PipelineError(f"{out}: not empty; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}{TMP_MARK}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PipelineError(f"{out}: cannot write merged model: {e.strerror or e}") from e
+        source.tokenizer.save_pretrained(tmp)
     return out

@@ -17,22 +17,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.cache import FORMAT_VERSION, MANIFEST
 from pipeline.errors import PipelineError
 from pipeline.fileio import TMP_MARK, read_json, sha256_file
-
-
-@dataclass
-class CachedRow:
-    """One cached example. Shapes: input_ids/loss_mask (T,), target_ids/target_logprobs (n, k), n = loss_mask.sum()."""
-
-    example_id: str
-    role: str
-    split: str
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-    target_ids: np.ndarray
-    target_logprobs: np.ndarray
+from pipeline.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    REQUIRED_MANIFEST_FIELDS,
+    SHARD_FIELDS,
+    CachedRow,
+    content_fingerprint,
+    rows_from_table,
+)
 
 
 def _short(value: object) -> str:
@@ -61,9 +56,7 @@ class Cache:
     @property
     def fingerprint(self) -> str:
         """Identity of this cache's content: the checksums of its shards."""
-        import hashlib
-
-        return hashlib.sha256("".join(s["sha256"] for s in self.manifest["shards"]).encode()).hexdigest()
+        return content_fingerprint(self.manifest)
 
     def shards(self, role: str, split: str) -> list[dict]:
         return [s for s in self.manifest["shards"] if s["role"] == role and s["split"] == split]
@@ -127,38 +120,6 @@ class Cache:
             yield from self.read_group(name, group, keep=1)
 
 
-def _offsets(arr: pa.Array) -> np.ndarray:
-    return arr.offsets.to_numpy()
-
-
-def rows_from_table(table: pa.Table) -> list[CachedRow]:
-    """Turn a decoded Parquet table into CachedRows with numpy arrays (no per-value Python objects)."""
-    table = table.combine_chunks()
-    ids_col = table.column("input_ids").chunk(0)
-    mask_col = table.column("loss_mask").chunk(0)
-    tid_col = table.column("target_token_ids").chunk(0)
-    tlp_col = table.column("target_logprobs").chunk(0)
-    id_off, pos_off = _offsets(ids_col), _offsets(tid_col)
-    flat_ids = ids_col.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    flat_mask = mask_col.values.to_numpy(zero_copy_only=False)
-    inner_ids, inner_lps = tid_col.values, tlp_col.values  # list<T> per response position
-    k = int(inner_ids.value_lengths()[0].as_py()) if len(inner_ids) else 0
-    tok_ids = inner_ids.values.to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, k) if k else \
-        np.zeros((0, 0), np.int64)
-    tok_lps = inner_lps.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, k) if k else \
-        np.zeros((0, 0), np.float32)
-    example_ids = table.column("example_id").to_pylist()
-    roles = table.column("role").to_pylist()
-    splits = table.column("split").to_pylist()
-    rows = []
-    for i in range(table.num_rows):
-        a, b = id_off[i], id_off[i + 1]
-        p, q = pos_off[i], pos_off[i + 1]
-        rows.append(CachedRow(example_ids[i], roles[i], splits[i], flat_ids[a:b], flat_mask[a:b],
-                              tok_ids[p:q], tok_lps[p:q]))
-    return rows
-
-
 def open_cache(path: str | Path, *, verify: bool = True) -> Cache:
     """Open and verify a cache directory (manifest, shard list, checksums).
 
@@ -179,13 +140,11 @@ def open_cache(path: str | Path, *, verify: bool = True) -> Cache:
         manifest = read_json(path / MANIFEST, "cache manifest")
     except PipelineError as e:
         raise PipelineError(f"{e}; {rebuild}") from e
-    required = ("format_version", "teacher", "tokenizer", "max_length", "top_k", "temperature", "shards")
-    if not isinstance(manifest, dict) or any(k not in manifest for k in required):
+    if not isinstance(manifest, dict) or any(k not in manifest for k in REQUIRED_MANIFEST_FIELDS):
         raise PipelineError(f"{path / MANIFEST}: not a cache manifest (missing fields); {rebuild}")
-    shard_keys = ("file", "role", "split", "rows", "bytes", "sha256")
     if not isinstance(manifest["shards"], list) or not all(
-            isinstance(s, dict) and all(k in s for k in shard_keys) for s in manifest["shards"]):
-        raise PipelineError(f"{path / MANIFEST}: not a cache manifest (each shard needs {', '.join(shard_keys)}); "
+            isinstance(s, dict) and all(k in s for k in SHARD_FIELDS) for s in manifest["shards"]):
+        raise PipelineError(f"{path / MANIFEST}: not a cache manifest (each shard needs {', '.join(SHARD_FIELDS)}); "
                             f"{rebuild}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise PipelineError(f"{path / MANIFEST}: format_version {manifest['format_version']} is not supported "

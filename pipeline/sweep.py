@@ -15,19 +15,18 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
-import json
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from pipeline.cache import settings_differences
-from pipeline.config import EvalConfig, SweepConfig, TrainConfig, _coerce, load_config
+from pipeline.config import EvalConfig, SweepConfig, TrainConfig, _coerce, config_differences, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.evaluate import evaluate, plot_tradeoff, write_report
-from pipeline.fileio import read_json
+from pipeline.evaluate import evaluate
+from pipeline.fileio import atomic_write_json, read_json
 from pipeline.reader import open_cache
+from pipeline.report import plot_tradeoff, write_report
 from pipeline.train import train
 
 # Train settings that a sweep sets itself, per run.
@@ -88,10 +87,6 @@ def plan_runs(cfg: SweepConfig) -> list[PlannedRun]:
     return runs
 
 
-def _comparable(cfg_dict: dict) -> dict:
-    return {k: v for k, v in cfg_dict.items() if k not in ("resume", "overwrite")}
-
-
 def _finished(run_dir: Path, want: TrainConfig) -> bool:
     """True if run_dir holds a finished run with exactly these settings; refuse one trained otherwise."""
     run_yaml = run_dir / "run.yaml"
@@ -101,11 +96,10 @@ def _finished(run_dir: Path, want: TrainConfig) -> bool:
         doc = yaml.safe_load(run_yaml.read_text())
     except yaml.YAMLError as e:
         raise PipelineError(f"{run_yaml}: unreadable ({e}); delete {run_dir} to redo this run") from e
-    have = _comparable(doc.get("config", {}))
-    diffs = settings_differences(have, _comparable(dataclasses.asdict(want)), keys=sorted(set(have) | set(
-        _comparable(dataclasses.asdict(want)))))
+    diffs = config_differences(doc.get("config", {}), dataclasses.asdict(want), ignore=("resume", "overwrite"))
     if diffs:
-        raise PipelineError(f"{run_dir}: trained with other settings ({diffs[0].replace('cache has', 'run has')}); "
+        key, have, asked = diffs[0]
+        raise PipelineError(f"{run_dir}: trained with other settings ({key}: run has {have!r}, asked for {asked!r}); "
                             "use another sweep --out or delete that run")
     return doc.get("status") == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
 
@@ -168,5 +162,5 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
 
     write_report(out, rows, command=command)
     plot_tradeoff(out, rows)
-    (out / "rows.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(out / "rows.json", rows)
     return rows

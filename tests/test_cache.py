@@ -14,11 +14,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache import MANIFEST, build_cache
+from pipeline.cache import build_cache
 from pipeline.cli import main
 from pipeline.config import CacheConfig
 from pipeline.errors import PipelineError
 from pipeline.fileio import sha256_file
+from pipeline.format import MANIFEST
 from pipeline.models import load_model, load_tokenizer
 
 

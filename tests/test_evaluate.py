@@ -61,11 +61,13 @@ def test_evaluate_base_has_zero_kl_and_trained_adapter_does_not(tiny_model_dir, 
 def test_sweep_reuses_cache_resumes_and_reports(tiny_model_dir, eval_cache, tmp_path, monkeypatch):
     import pipeline.cache
     import pipeline.sweep
+    import pipeline.teacher
 
     def no_teacher(*a, **kw):
         raise AssertionError("the sweep must not run the teacher")
 
     monkeypatch.setattr(pipeline.cache, "teacher_topk", no_teacher)
+    monkeypatch.setattr(pipeline.teacher, "teacher_topk", no_teacher)
     monkeypatch.setattr(pipeline.cache, "build_cache", no_teacher)
     manifest_before = (eval_cache / "manifest.json").read_bytes()
     cfg = SweepConfig(model=str(tiny_model_dir), cache=str(eval_cache), out=str(tmp_path / "s"), lambdas=[0.0, 1.0],

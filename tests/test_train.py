@@ -15,12 +15,14 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.cache import MANIFEST, build_cache
+from pipeline.cache import build_cache
 from pipeline.config import CacheConfig, TrainConfig
 from pipeline.data import rehearsal_count
 from pipeline.errors import PipelineError
+from pipeline.format import MANIFEST
+from pipeline.models import save_adapter
 from pipeline.reader import RowStream, open_cache
-from pipeline.train import loss_step, micro_batches, optimizer_step, save_adapter, setup, train
+from pipeline.train import loss_step, micro_batches, optimizer_step, setup, train
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, build_tiny_model_dir, write_jsonl
 
 QUIET = {"log": lambda *_: None}
@@ -308,7 +310,7 @@ def test_rand_dropout_matches_dropout_in_distribution():
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
 def test_peak_memory_is_measured_from_the_reset():
     """The reported peak is the training loop's, not that of loading or of an earlier run in the process."""
-    from pipeline.train import peak_memory_mb, reset_peak_memory
+    from pipeline.metrics import peak_memory_mb, reset_peak_memory
 
     cpu = torch.device("cpu")
     big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched

@@ -54,7 +54,7 @@ def test_train_killed_then_resumed_equals_uninterrupted(scenario, crashed, refer
         # The half-written checkpoint (newer than the last complete one) is there; make sure that loading it
         # could not go unnoticed: cut its state in half.
         (tmp,) = half
-        state = tmp / "state.pt"
+        state = tmp / "tensors.pt"
         state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     else:
         assert half == []
@@ -74,7 +74,7 @@ def test_corrupt_last_checkpoint_refused_then_previous_one_used(reference_run, t
     out = tmp_path / "run"
     assert invoke(train_cmd(tiny_model_dir, reference_cache, out)).exit_code == 0
     shutil.rmtree(out / "adapter")
-    state = out / "checkpoints" / "step-000006" / "state.pt"
+    state = out / "checkpoints" / "step-000006" / "tensors.pt"
     state.write_bytes(state.read_bytes()[:1000])  # e.g. a disk that lost the end of the file
     refused = invoke(train_cmd(tiny_model_dir, reference_cache, out))
     assert_one_line_error(refused, f"{state}: unreadable checkpoint", f"delete {state.parent} to resume")
@@ -85,3 +85,48 @@ def test_corrupt_last_checkpoint_refused_then_previous_one_used(reference_run, t
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming from {state.parent.with_name('step-000003')} (step 3)" in resumed.output
     assert_same_run(out, reference_run)
+
+
+class _Exploit:
+    """Unpickling this calls Path.touch(marker): what a hostile checkpoint on a shared file system could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _crafted_pickle(path: Path, marker: Path) -> None:
+    import pickle
+
+    path.write_bytes(pickle.dumps({"step": 6, "history": _Exploit(marker)}))
+    pickle.loads(path.read_bytes())  # the file really is an exploit: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+
+
+def test_old_pickled_checkpoint_is_refused_unopened(reference_run, tiny_model_dir, reference_cache, tmp_path):
+    """A checkpoint of the first format (a pickled state.pt) is refused with the way out, never unpickled."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    assert invoke(train_cmd(tiny_model_dir, reference_cache, out)).exit_code == 0
+    shutil.rmtree(out / "adapter")
+    last = out / "checkpoints" / "step-000006"
+    shutil.rmtree(last)
+    last.mkdir()
+    _crafted_pickle(last / "state.pt", marker)
+    refused = invoke(train_cmd(tiny_model_dir, reference_cache, out))
+    assert_one_line_error(refused, f"{last}: written by an older pipeline", "start afresh with --overwrite")
+    assert not marker.exists() and not (out / "adapter").exists()
+
+
+def test_crafted_tensor_file_is_refused_unexecuted(reference_run, tiny_model_dir, reference_cache, tmp_path):
+    """tensors.pt is loaded with weights_only=True: a pickle that would run code is refused with one line."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    assert invoke(train_cmd(tiny_model_dir, reference_cache, out)).exit_code == 0
+    shutil.rmtree(out / "adapter")
+    tensors = out / "checkpoints" / "step-000006" / "tensors.pt"
+    _crafted_pickle(tensors, marker)
+    refused = invoke(train_cmd(tiny_model_dir, reference_cache, out))
+    assert_one_line_error(refused, f"{tensors}: unreadable checkpoint", f"delete {tensors.parent} to resume")
+    assert not marker.exists()

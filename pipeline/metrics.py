@@ -1,0 +1,109 @@
+"""OUT/metrics.jsonl: one JSON line per logged training step, the sums they are averaged from, and the run's
+peak memory.
+
+A line holds step, loss, ce, kl, l2, lr, grad_norm, tokens_per_s and the realised rehearsal_ratio, each the mean
+over the steps since the previous line; the line with step 0 is the student before any update (KL ~0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.fileio import atomic_write_text
+
+
+@dataclass
+class StepStats:
+    """Sums over the steps since the last log line."""
+
+    steps: int = 0
+    loss: float = 0.0
+    ce: float = 0.0
+    kl: float = 0.0
+    kl_steps: int = 0
+    l2: float = 0.0
+    tokens: int = 0  # all (non-pad) tokens processed
+    response_tokens: int = 0
+    examples: int = 0
+    rehearsal_examples: int = 0
+    seconds: float = 0.0
+
+    def add(self, out: dict, seconds: float) -> None:
+        """Add one step's loss_step result and its wall time."""
+        self.steps += 1
+        self.loss += out["loss"]
+        self.ce += out["ce"]
+        self.l2 += out["l2"]
+        if out["kl"] is not None:
+            self.kl += out["kl"]
+            self.kl_steps += 1
+        for k in ("tokens", "response_tokens", "examples", "rehearsal_examples"):
+            setattr(self, k, getattr(self, k) + out[k])
+        self.seconds += seconds
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl, one JSON line per logged step; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def record(step: int, stats: StepStats, lr: float, grad_norm: float | None) -> dict:
+    n = max(stats.steps, 1)
+    return {
+        "step": step,
+        "loss": round(stats.loss / n, 6),
+        "ce": round(stats.ce / n, 6),
+        "kl": round(stats.kl / stats.kl_steps, 6) if stats.kl_steps else None,
+        "l2": round(stats.l2 / n, 8),
+        "lr": lr,
+        "grad_norm": None if grad_norm is None else round(grad_norm, 4),
+        "tokens_per_s": round(stats.tokens / max(stats.seconds, 1e-9), 1),
+        "rehearsal_ratio": round(stats.rehearsal_examples / max(stats.examples, 1), 4),
+    }
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring peak memory from now, so that it is the training loop's, not loading's (which reads a
+    full-precision checkpoint and quantises it) nor that of an earlier run in the same process (a sweep)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: writing 5 resets the high-water mark VmHWM to the current size
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since reset_peak_memory: CUDA memory allocated by torch, or the process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, never reset
