@@ -40,7 +40,7 @@ def log_to_stderr(message: str) -> None:
 
 def _default_text(f) -> str:
     default = f.default_factory() if f.default is MISSING else f.default
-    if default is None or default == []:
+    if default is None or default == [] or default == {}:
         return ""
     if isinstance(default, bool):
         return f" [default: {'on' if default else 'off'}]"
@@ -72,6 +72,8 @@ def config_options(*classes: type, skip: tuple[str, ...] = ()) -> Callable:
                 # to the config file's problems (click would stop at the first).
                 choices = f.metadata.get("choices")
                 metavar = f"[{'|'.join(choices)}]" if choices else _METAVARS.get(inner, "TEXT")
+                if typing.get_origin(tp) is dict:
+                    metavar = "KEY=VALUE,..."
                 fn = click.option(f"--{name}", type=click.STRING, metavar=metavar, default=None, help=help_text)(fn)
         fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                           help="YAML config file (see configs/); flags override it.")(fn)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import GenerateConfig, RehearsalConfig
-from pipeline.data import Example, parse_line, read_jsonl, render_prompt_ids
+from pipeline.data import Example, parse_line, read_examples, render_prompt_ids
 from pipeline.errors import PipelineError
 from pipeline.faults import crash_point
 from pipeline.models import autocast, load_model, load_tokenizer, resolve_device, resolve_model, resolve_precision
@@ -198,7 +198,8 @@ def with_answer(ex: Example, answer: str, *, hit_limit: bool) -> dict:
 
 def make_rehearsal(cfg: RehearsalConfig, log=print) -> RehearsalSummary:
     t0 = time.perf_counter()
-    prompts, stats = read_jsonl(cfg.prompts, with_response=False, skip_bad_lines=cfg.skip_bad_lines)
+    prompts, stats = read_examples(cfg.prompts, with_response=False, skip_bad_lines=cfg.skip_bad_lines,
+                                   columns=cfg.columns)
     for line in stats.skipped[:5]:
         log(f"skipped bad line {line}")
     out = Path(cfg.out)
@@ -255,7 +256,7 @@ def read_prompts(cfg: GenerateConfig) -> list[Example]:
     examples = [Example(f"prompt-{i + 1}", parse_line({"instruction": p}, with_response=False), f"--prompt #{i + 1}",
                         raw={"instruction": p}) for i, p in enumerate(cfg.prompt)]
     if cfg.prompts:
-        more, _ = read_jsonl(cfg.prompts, with_response=False)
+        more, _ = read_examples(cfg.prompts, with_response=False, columns=cfg.columns)
         examples += more
     return examples
 
