@@ -240,6 +240,16 @@ class MergeConfig(CommonConfig):
     dtype: str = opt("float32", "Weight dtype of the saved model.", choices=("float32", "bfloat16", "float16"))
 
 
+@dataclass
+class InspectConfig(CommonConfig):
+    """`pipeline inspect CACHE`: what a cache holds; with --example, the teacher's targets of one example."""
+
+    cache: str | None = opt(None, "Cache directory written by cache-teacher.", required=True)
+    model: str | None = opt(None, "Model whose tokenizer decodes the tokens (default: the cache's teacher.model).")
+    example: str | None = opt(None, "Show this example (its id, as in the input, or file:line) token by token.")
+    json: bool = opt(False, "Print JSON instead of text.")
+
+
 # The config-file section of each command. Sweep reads `train` and `evaluate` too (the fixed part of each run).
 SECTIONS: dict[str, type[CommonConfig]] = {
     "cache_teacher": CacheConfig,
@@ -249,6 +259,7 @@ SECTIONS: dict[str, type[CommonConfig]] = {
     "make_rehearsal": RehearsalConfig,
     "generate": GenerateConfig,
     "merge": MergeConfig,
+    "inspect": InspectConfig,
 }
 COMMON_KEYS = tuple(f.name for f in fields(CommonConfig))
 
