@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,10 +283,11 @@ def _parse_json_line(raw: bytes, *, first: bool) -> object:
 def _dataset_rows(path: Path, fmt: str, batch_size: int = 1024) -> Iterator[dict]:
     """The rows of a JSON, Parquet or CSV file or a save_to_disk directory, one dict at a time.
 
-    Files are streamed (`load_dataset(..., streaming=True)`: read a block at a time, nothing copied into the
-    datasets cache) and a saved directory is memory-mapped (`load_from_disk`), so a large input never sits in
-    memory as Python objects; only a JSON file holding one array is parsed whole (the `json` loader's way).
-    CSV cells are read as text, an empty cell as missing: "42" is an answer, not the number 42.
+    Files are streamed (`load_dataset(..., streaming=True)`: read a block at a time, nothing copied; its lock
+    files go to a temporary directory, not the user's datasets cache) and a saved directory is memory-mapped
+    (`load_from_disk`), so a large input never sits in memory as Python objects; only a JSON file holding one
+    array is parsed whole (the `json` loader's way). CSV cells are read as text, an empty cell as missing: "42" is
+    an answer, not the number 42.
     """
     import datasets
 
@@ -296,31 +298,33 @@ def _dataset_rows(path: Path, fmt: str, batch_size: int = 1024) -> Iterator[dict
     def failed(e: Exception) -> PipelineError:
         return PipelineError(f"{path}: cannot read as {what}: {' '.join(str(e).split())[:200] or type(e).__name__}")
 
-    try:
-        if fmt == "saved":
-            ds = datasets.load_from_disk(str(path))
-        else:
-            kwargs = {}
-            if fmt == "csv":
-                header = _csv_header(path)
-                if header is None:
-                    return
-                kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
-                          "keep_default_na": False, "na_values": [""]}
-            ds = datasets.load_dataset(fmt, data_files=str(path.resolve()), split="train", streaming=True, **kwargs)
-        batches = iter(ds.iter(batch_size=batch_size))
-    except Exception as e:  # whatever the library raises for a file it cannot read
-        raise failed(e) from e
-    while True:
+    with tempfile.TemporaryDirectory(prefix="pipeline-datasets-") as scratch:
         try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except Exception as e:
+            if fmt == "saved":
+                ds = datasets.load_from_disk(str(path))
+            else:
+                kwargs = {}
+                if fmt == "csv":
+                    header = _csv_header(path)
+                    if header is None:
+                        return
+                    kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+                              "keep_default_na": False, "na_values": [""]}
+                ds = datasets.load_dataset(fmt, data_files=str(path.resolve()), split="train", streaming=True,
+                                           cache_dir=scratch, **kwargs)
+            batches = iter(ds.iter(batch_size=batch_size))
+        except Exception as e:  # whatever the library raises for a file it cannot read
             raise failed(e) from e
-        names = list(batch)
-        for values in zip(*(batch[n] for n in names), strict=True):
-            yield dict(zip(names, values, strict=True))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise failed(e) from e
+            names = list(batch)
+            for values in zip(*(batch[n] for n in names), strict=True):
+                yield dict(zip(names, values, strict=True))
 
 
 def _csv_header(path: Path) -> list[str] | None:

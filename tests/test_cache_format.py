@@ -18,8 +18,7 @@ COLUMNS = ["example_id", "role", "split", "input_ids", "loss_mask", "target_toke
 
 
 @pytest.mark.parametrize("logprob_dtype", ["float16", "float32"])
-def test_cache_reads_with_pyarrow_and_datasets(logprob_dtype, tiny_model_dir, corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))  # load_dataset copies into its cache
+def test_cache_reads_with_pyarrow_and_datasets(logprob_dtype, tiny_model_dir, corpus, tmp_path):
     datasets.disable_progress_bars()
     cache = tmp_path / "cache"
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(cache), top_k=6, max_length=256, precision="fp32",
@@ -41,7 +40,8 @@ def test_cache_reads_with_pyarrow_and_datasets(logprob_dtype, tiny_model_dir, co
     assert schema.field("target_logprobs").type.value_type.value_type == float_type
 
     # datasets, from the shard files alone (the directory also holds manifest.json, which is not a shard).
-    ds = datasets.load_dataset("parquet", data_files=str(cache / "shard-*.parquet"), split="train")
+    ds = datasets.load_dataset("parquet", data_files=str(cache / "shard-*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf-datasets"))  # (it copies the rows into its cache)
     assert ds.column_names == COLUMNS and ds.num_rows == manifest["totals"]["examples"]
     f = ds.features
     assert [f[c].dtype for c in ("example_id", "role", "split")] == ["string"] * 3

@@ -26,9 +26,7 @@ FLAT_ROWS = [r for r in ROWS if "messages" not in r]  # CSV has no lists: no `me
 
 
 @pytest.fixture(autouse=True)
-def _quiet_datasets(tmp_path_factory, monkeypatch):
-    """No progress bars, and the datasets library's own cache kept inside the test's temporary directory."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-datasets"))
+def _quiet_datasets():
     datasets.disable_progress_bars()
 
 
