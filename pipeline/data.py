@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import glob
 import hashlib
 import itertools
 import json
@@ -310,8 +311,9 @@ def _dataset_rows(path: Path, fmt: str, batch_size: int = 1024) -> Iterator[dict
                         return
                     kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
                               "keep_default_na": False, "na_values": [""]}
-                ds = datasets.load_dataset(fmt, data_files=str(path.resolve()), split="train", streaming=True,
-                                           cache_dir=scratch, **kwargs)
+                # data_files are glob patterns: escaped, a name like "qa[1].csv" is that file and no other
+                ds = datasets.load_dataset(fmt, data_files=glob.escape(str(path.resolve())), split="train",
+                                           streaming=True, cache_dir=scratch, **kwargs)
             batches = iter(ds.iter(batch_size=batch_size))
         except Exception as e:  # whatever the library raises for a file it cannot read
             raise failed(e) from e

@@ -69,6 +69,15 @@ def test_csv_cells_are_text(tmp_path):
     assert [e.messages[-1]["content"] for e in read_examples(path)[0]] == ["42", "NA", "null"]
 
 
+def test_file_names_are_not_patterns(tmp_path):
+    """`datasets` takes data_files as glob patterns; a user's file name is a name."""
+    brackets = write_as("parquet", tmp_path / "qa[1]", FLAT_ROWS)
+    assert len(read_examples(brackets)[0]) == len(FLAT_ROWS)
+    star = write_as("csv", tmp_path / "qa*", FLAT_ROWS[:1])
+    write_as("csv", tmp_path / "qa-more", FLAT_ROWS)  # what the pattern qa*.csv would also match
+    assert len(read_examples(star)[0]) == 1
+
+
 BAD_ROW = {"instruction": "Second row: a blank answer.", "output": "   "}
 
 
