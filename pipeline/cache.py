@@ -31,7 +31,17 @@ import torch
 
 from pipeline import __version__, distributed
 from pipeline.config import CacheConfig
-from pipeline.data import ROLES, SPLITS, Tokenized, collate, length_batches, padding_waste, read_jsonl, tokenize_example
+from pipeline.data import (
+    ROLES,
+    SPLITS,
+    Tokenized,
+    collate,
+    input_sha256,
+    length_batches,
+    padding_waste,
+    read_examples,
+    tokenize_example,
+)
 from pipeline.errors import PipelineError
 from pipeline.faults import crash_point
 from pipeline.fileio import TMP_MARK, atomic_path, atomic_write_json, read_json, remove_tmp_files, sha256_file
@@ -156,7 +166,8 @@ def prepare(cfg: CacheConfig, tokenizer, log=print) -> tuple[list[Tokenized], di
     counts = Counter()
     first_source: dict[str, str] = {}
     for path, role, split in _inputs(cfg):
-        exs, stats = read_jsonl(path, role=role, split=split, skip_bad_lines=cfg.skip_bad_lines)
+        exs, stats = read_examples(path, role=role, split=split, skip_bad_lines=cfg.skip_bad_lines,
+                                   columns=cfg.columns)
         counts["skipped_bad_lines"] += len(stats.skipped)
         for line in stats.skipped[:5]:
             log(f"skipped bad line {line}")
@@ -178,8 +189,10 @@ def prepare(cfg: CacheConfig, tokenizer, log=print) -> tuple[list[Tokenized], di
         if too_long:
             log(f"skipped {len(too_long)} examples of {path} whose prompt fills max_length={cfg.max_length} "
                 f"(first: {', '.join(too_long[:3])})")
-        records.append({"path": str(Path(path).resolve()), "sha256": sha256_file(Path(path)), "role": role,
-                        "split": split, "examples": len(exs), "skipped_bad_lines": len(stats.skipped)})
+        records.append({"path": str(Path(path).resolve()), "sha256": input_sha256(path), "role": role,
+                        "split": split, "examples": len(exs), "skipped_bad_lines": len(stats.skipped),
+                        # only when given, so that caches made before --columns existed still match their rerun
+                        **({"columns": dict(cfg.columns)} if cfg.columns else {})})
     if not examples:
         raise PipelineError(f"no examples left to cache: {counts['skipped_too_long']} skipped because the prompt "
                             f"fills max_length={cfg.max_length}, {counts['skipped_bad_lines']} bad lines skipped")

@@ -21,6 +21,7 @@ from pipeline.config import (
     CacheConfig,
     EvalConfig,
     GenerateConfig,
+    InspectConfig,
     MergeConfig,
     RehearsalConfig,
     SweepConfig,
@@ -40,7 +41,7 @@ def log_to_stderr(message: str) -> None:
 
 def _default_text(f) -> str:
     default = f.default_factory() if f.default is MISSING else f.default
-    if default is None or default == []:
+    if default is None or default == [] or default == {}:
         return ""
     if isinstance(default, bool):
         return f" [default: {'on' if default else 'off'}]"
@@ -72,6 +73,8 @@ def config_options(*classes: type, skip: tuple[str, ...] = ()) -> Callable:
                 # to the config file's problems (click would stop at the first).
                 choices = f.metadata.get("choices")
                 metavar = f"[{'|'.join(choices)}]" if choices else _METAVARS.get(inner, "TEXT")
+                if typing.get_origin(tp) is dict:
+                    metavar = "KEY=VALUE,..."
                 fn = click.option(f"--{name}", type=click.STRING, metavar=metavar, default=None, help=help_text)(fn)
         fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                           help="YAML config file (see configs/); flags override it.")(fn)
@@ -277,3 +280,25 @@ def merge_cmd(config_file: str | None, **flags) -> None:
 
     cfg = load_config(MergeConfig, config_file, flags)
     click.echo(f"merged model: {merge_adapter(cfg.model, cfg.adapter, cfg.out, cfg.dtype)}")
+
+
+@main.command("inspect")
+@click.argument("cache", metavar="CACHE")
+@config_options(InspectConfig, skip=("cache",))
+@user_errors
+def inspect_cmd(cache: str, config_file: str | None, **flags) -> None:
+    """Show what a cache holds: the teacher and settings that made it, rows and tokens per role/split, bytes per
+    token, padding. With --example ID, that example's prompt and response and, at each response position, the
+    teacher's top 5 tokens with their probabilities and the residual mass.
+
+    \b
+    Examples:
+      pipeline inspect runs/demo/cache
+      pipeline inspect runs/demo/cache --example task_train.jsonl:1
+      pipeline inspect runs/demo/cache --example task_train.jsonl:1 --json | jq '.example.positions[0]'
+    """
+    from pipeline.inspect import dumps, inspect_cache, render
+
+    cfg = load_config(InspectConfig, config_file, {**flags, "cache": cache})
+    report = inspect_cache(cfg)
+    click.echo(dumps(report) if cfg.json else render(report))

@@ -38,9 +38,24 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, min:
     """
     meta = {"help": help, "choices": choices, "min": min, "max": max, "required": required,
             "positive": positive, "repeat": repeat}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# The fields of an input row that a --columns mapping may name (DESIGN.md section 3).
+INPUT_FIELDS = ("input", "instruction", "output", "messages", "id")
+
+
+def columns_opt() -> Any:
+    return opt({}, "Map the input's own column names onto the documented fields, FIELD=COLUMN,... e.g. "
+               "instruction=question,output=answer (fields: " + ", ".join(INPUT_FIELDS) + ").")
+
+
+def column_problems(columns: dict[str, str]) -> list[str]:
+    problems = [f"columns: {k!r} is not a field the input reads (one of {', '.join(INPUT_FIELDS)})"
+                for k in columns if k not in INPUT_FIELDS]
+    return problems + [f"columns: {k}= names no column" for k, v in columns.items() if not v]
 
 
 @dataclass
@@ -64,10 +79,12 @@ class CommonConfig:
 class CacheConfig(CommonConfig):
     """`pipeline cache-teacher`: run the frozen 4-bit teacher once and store its top-k log-probs."""
 
-    task_train: str | None = opt(None, "JSONL of the new task, training part.")
-    task_eval: str | None = opt(None, "JSONL of the new task, held-out part.")
-    rehearsal_train: str | None = opt(None, "JSONL of general instruction data to rehearse, training part.")
-    rehearsal_eval: str | None = opt(None, "JSONL of general instruction data, held-out part (measures forgetting).")
+    task_train: str | None = opt(None, "The new task, training part (JSONL, JSON, Parquet, CSV or a save_to_disk "
+                                 "directory, as every data option).")
+    task_eval: str | None = opt(None, "The new task, held-out part.")
+    rehearsal_train: str | None = opt(None, "General instruction data to rehearse, training part.")
+    rehearsal_eval: str | None = opt(None, "General instruction data, held-out part (measures forgetting).")
+    columns: dict[str, str] = columns_opt()
     out: str | None = opt(None, "Cache directory to write (rerun on the same directory to resume).", required=True)
     top_k: int = opt(32, "Teacher tokens kept per response position (the rest becomes one residual bucket).",
                      positive=True)
@@ -79,9 +96,11 @@ class CacheConfig(CommonConfig):
     skip_bad_lines: bool = opt(False, "Skip (and count) malformed input lines instead of stopping at the first one.")
 
     def check(self) -> list[str]:
+        problems = column_problems(self.columns)
         if not any((self.task_train, self.task_eval, self.rehearsal_train, self.rehearsal_eval)):
-            return ["no input: give at least one of --task-train, --task-eval, --rehearsal-train, --rehearsal-eval"]
-        return []
+            problems.append("no input: give at least one of --task-train, --task-eval, --rehearsal-train, "
+                            "--rehearsal-eval")
+        return problems
 
 
 @dataclass
@@ -92,8 +111,9 @@ class TrainConfig(CommonConfig):
     out: str | None = opt(None, "Output directory (adapter/, metrics.jsonl, run.yaml, checkpoints/).", required=True)
     online_teacher: bool = opt(False, "No cache: compute the teacher's top-k at every step with the adapter switched "
                                "off (one extra forward per step; reads --task-train/--rehearsal-train).")
-    task_train: str | None = opt(None, "With --online-teacher: JSONL of the new task.")
-    rehearsal_train: str | None = opt(None, "With --online-teacher: JSONL of general data to rehearse.")
+    task_train: str | None = opt(None, "With --online-teacher: the new task (any input format).")
+    rehearsal_train: str | None = opt(None, "With --online-teacher: general data to rehearse.")
+    columns: dict[str, str] = columns_opt()
     skip_bad_lines: bool = opt(False, "With --online-teacher: skip (and count) malformed input lines.")
     kd_lambda: float = opt(0.5, "Weight of the distillation term: Loss = CE + lambda * T^2 * KL. 0 = plain SFT.", min=0)
     kd_on: str = opt("all", "Which examples get the KL term.", choices=("all", "rehearsal"))
@@ -129,7 +149,7 @@ class TrainConfig(CommonConfig):
     overwrite: bool = opt(False, "Delete a non-empty --out and start afresh.")
 
     def check(self) -> list[str]:
-        problems = []
+        problems = column_problems(self.columns)
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite exclude each other")
         if self.online_teacher:
@@ -177,14 +197,18 @@ class SweepConfig(CommonConfig):
 class RehearsalConfig(CommonConfig):
     """`pipeline make-rehearsal`: let the base model answer general prompts, for use as rehearsal data."""
 
-    prompts: str | None = opt(None, "JSONL of prompts (instruction/input or messages ending in a user turn).",
-                              required=True)
+    prompts: str | None = opt(None, "Prompts (instruction/input or messages ending in a user turn): JSONL, JSON, "
+                              "Parquet, CSV or a save_to_disk directory.", required=True)
+    columns: dict[str, str] = columns_opt()
     out: str | None = opt(None, "JSONL to write (rerun to resume).", required=True)
     max_new_tokens: int = opt(128, "Longest answer in tokens.", positive=True)
     batch_size: int = opt(16, "Prompts per generation batch.", positive=True)
     temperature: float = opt(1.0, "Sampling temperature (1 keeps the base distribution; see --greedy).", min=0)
     greedy: bool = opt(False, "Answer greedily instead of sampling (sharpens the base distribution).")
     skip_bad_lines: bool = opt(False, "Skip (and count) malformed prompt lines.")
+
+    def check(self) -> list[str]:
+        return column_problems(self.columns)
 
 
 @dataclass
@@ -193,16 +217,18 @@ class GenerateConfig(CommonConfig):
 
     adapter: str | None = opt(None, "Adapter directory (omit for the base model).")
     prompt: list[str] = opt([], "A prompt (repeatable).", repeat=True)
-    prompts: str | None = opt(None, "JSONL of prompts.")
+    prompts: str | None = opt(None, "File of prompts (JSONL, JSON, Parquet, CSV or a save_to_disk directory).")
+    columns: dict[str, str] = columns_opt()
     out: str | None = opt(None, "Write answers as JSONL here (default: print them).")
     max_new_tokens: int = opt(256, "Longest answer in tokens.", positive=True)
     batch_size: int = opt(8, "Prompts per generation batch.", positive=True)
     temperature: float = opt(0.0, "Sampling temperature; 0 = greedy.", min=0)
 
     def check(self) -> list[str]:
+        problems = column_problems(self.columns)
         if not self.prompt and not self.prompts:
-            return ["no prompt: give --prompt TEXT (repeatable) or --prompts FILE.jsonl"]
-        return []
+            problems.append("no prompt: give --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+        return problems
 
 
 @dataclass
@@ -214,6 +240,16 @@ class MergeConfig(CommonConfig):
     dtype: str = opt("float32", "Weight dtype of the saved model.", choices=("float32", "bfloat16", "float16"))
 
 
+@dataclass
+class InspectConfig(CommonConfig):
+    """`pipeline inspect CACHE`: what a cache holds; with --example, the teacher's targets of one example."""
+
+    cache: str | None = opt(None, "Cache directory written by cache-teacher.", required=True)
+    model: str | None = opt(None, "Model whose tokenizer decodes the tokens (default: the cache's teacher.model).")
+    example: str | None = opt(None, "Show this example (its id, as in the input, or file:line) token by token.")
+    json: bool = opt(False, "Print JSON instead of text.")
+
+
 # The config-file section of each command. Sweep reads `train` and `evaluate` too (the fixed part of each run).
 SECTIONS: dict[str, type[CommonConfig]] = {
     "cache_teacher": CacheConfig,
@@ -223,6 +259,7 @@ SECTIONS: dict[str, type[CommonConfig]] = {
     "make_rehearsal": RehearsalConfig,
     "generate": GenerateConfig,
     "merge": MergeConfig,
+    "inspect": InspectConfig,
 }
 COMMON_KEYS = tuple(f.name for f in fields(CommonConfig))
 
@@ -273,6 +310,14 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return str(value)
     elif tp is dict and isinstance(value, dict):
         return value
+    elif typing.get_origin(tp) is dict:  # dict[str, str]: a mapping, or KEY=VALUE items (a list, or comma-separated)
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, list | tuple) and all(isinstance(i, str) and "=" in i for i in items):
+            items = dict(tuple(part.strip() for part in i.split("=", 1)) for i in items)
+        if isinstance(items, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in items.items()):
+            return items
+        problems.append(f"{where}: expected a mapping or KEY=VALUE,... items, got {value!r}")
+        return {}
     problems.append(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
     return None
 

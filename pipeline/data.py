@@ -12,11 +12,16 @@ Prompt files (make-rehearsal, generate) are the same forms without the answer.
 
 from __future__ import annotations
 
+import csv
 import functools
+import glob
+import hashlib
+import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.fileio import read_json, sha256_file
 
 ROLES = ("task", "rehearsal")
 SPLITS = ("train", "eval")
@@ -145,8 +151,9 @@ def parse_line(obj: object, *, with_response: bool) -> list[dict[str, str]]:
 
 
 def read_jsonl(path: str | Path, *, role: str = "task", split: str = "train", with_response: bool = True,
-               skip_bad_lines: bool = False) -> tuple[list[Example], ReadStats]:
-    """Read and validate a JSONL file.
+               skip_bad_lines: bool = False, columns: Mapping[str, str] | None = None
+               ) -> tuple[list[Example], ReadStats]:
+    """Read and validate a JSONL file, line by line.
 
     Raises:
         PipelineError: "file:line: reason" for the first bad line, unless skip_bad_lines (then they are
@@ -155,64 +162,262 @@ def read_jsonl(path: str | Path, *, role: str = "task", split: str = "train", wi
     path = Path(path)
     if path.is_dir():
         raise PipelineError(f"{path}: is a directory, expected a JSONL file")
+    return _validate(path, *_jsonl_records(path), unit="line", role=role, split=split, with_response=with_response,
+                     skip_bad_lines=skip_bad_lines, columns=columns)
+
+
+# Suffixes read through `datasets` (streamed); any other file is JSON Lines. A directory is a save_to_disk one.
+TABLE_SUFFIXES = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FORMAT_NAMES = {"json": "JSON", "parquet": "Parquet", "csv": "CSV", "saved": "a datasets save_to_disk directory"}
+
+
+def input_format(path: Path) -> str:
+    """"jsonl", "json", "parquet", "csv" or "saved" (a `datasets.save_to_disk` directory), from the suffix or the
+    directory's contents. Raises PipelineError for a missing path or a directory that holds no saved dataset."""
+    if path.is_dir():
+        if (path / "state.json").is_file():
+            return "saved"
+        if (path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+            raise PipelineError(f"{path}: a saved DatasetDict with splits {', '.join(splits) or '(none)'}; pass one "
+                                f"split's directory, e.g. {path / (splits[0] if splits else 'train')}")
+        raise PipelineError(f"{path}: is a directory, expected a JSONL file (or a JSON, Parquet or CSV file, or a "
+                            "directory written by datasets' save_to_disk: this one has no state.json)")
+    if not path.exists():
+        raise PipelineError(f"{path}: file not found")
+    return TABLE_SUFFIXES.get(path.suffix.lower(), "jsonl")
+
+
+def read_examples(path: str | Path, *, role: str = "task", split: str = "train", with_response: bool = True,
+                  skip_bad_lines: bool = False, columns: Mapping[str, str] | None = None
+                  ) -> tuple[list[Example], ReadStats]:
+    """Read and validate an input in any accepted format (`input_format`): every row goes through the checks of a
+    JSONL line. Locations are "file:line" for JSONL and "file:row N" (from 1) for the other formats.
+
+    Args:
+        columns: documented field -> the file's column, e.g. {"instruction": "question", "output": "answer"}.
+
+    Raises:
+        PipelineError: as read_jsonl; also for a file the `datasets` library cannot read, and for a column named in
+            `columns` that the file (its first row) does not have.
+    """
+    path = Path(path)
+    fmt = input_format(path)
+    if fmt == "jsonl":
+        return read_jsonl(path, role=role, split=split, with_response=with_response, skip_bad_lines=skip_bad_lines,
+                          columns=columns)
+    rows = _dataset_rows(path, fmt)
+    first = next(rows, None)
+    records = ((n, row) for n, row in enumerate(itertools.chain([] if first is None else [first], rows), start=1))
+    return _validate(path, first is None, records, unit="row", role=role, split=split, with_response=with_response,
+                     skip_bad_lines=skip_bad_lines, columns=columns, table=True)
+
+
+def input_sha256(path: str | Path) -> str:
+    """sha256 of an input, for the cache manifest: the file's bytes, or for a save_to_disk directory the files
+    that make it up.
+
+    [saved dataset fingerprint note] Those are state.json, dataset_info.json and the Arrow files state.json lists,
+    hashed by name and content in that order. Other files are left out on purpose: `map()` on a dataset loaded
+    from the directory writes its cache-*.arrow files there, and they change nothing that is read.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    state = read_json(path / "state.json", "saved dataset state")
+    names = ["state.json", "dataset_info.json", *(f["filename"] for f in state.get("_data_files", []))]
+    h = hashlib.sha256()
+    for name in names:
+        if (path / name).is_file():
+            h.update(name.encode() + b"\0" + bytes.fromhex(sha256_file(path / name)))
+    return h.hexdigest()
+
+
+def _jsonl_records(path: Path) -> tuple[bool, Iterator[tuple[int, object]]]:
+    """(whether the file is empty, (line number, parsed JSON value or the BadLine it raised) per line)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found") from None
     except OSError as e:
         raise PipelineError(f"{path}: cannot read: {e.strerror}") from None
-    stats = ReadStats()
-    examples: list[Example] = []
-    seen: dict[str, int] = {}
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the newline that ends the last line
-    for lineno, raw in enumerate(lines, start=1):
-        stats.lines += 1
+
+    def records() -> Iterator[tuple[int, object]]:
+        for lineno, raw in enumerate(lines, start=1):
+            try:
+                obj = _parse_json_line(raw, first=lineno == 1)
+            except BadLine as e:
+                obj = e
+            yield lineno, obj
+
+    return not data.strip(), records()
+
+
+def _parse_json_line(raw: bytes, *, first: bool) -> object:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadLine(f"invalid UTF-8 at byte {e.start}") from None
+    if first:
+        text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write
+    if not text.strip():
+        raise BadLine("blank line")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadLine(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise BadLine("not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise BadLine(f"not valid JSON ({' '.join(str(e).split())[:100]})") from None
+    if "\\ud" in text.lower():  # only a \u escape can make an unpaired surrogate: the bytes were UTF-8
         try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadLine(f"not valid Unicode (unpaired surrogate \\u{ord(e.object[e.start]):04x})") from None
+    return obj
+
+
+def _dataset_rows(path: Path, fmt: str, batch_size: int = 1024) -> Iterator[dict]:
+    """The rows of a JSON, Parquet or CSV file or a save_to_disk directory, one dict at a time.
+
+    Files are streamed (`load_dataset(..., streaming=True)`: read a block at a time, nothing copied; its lock
+    files go to a temporary directory, not the user's datasets cache) and a saved directory is memory-mapped
+    (`load_from_disk`), so a large input never sits in memory as Python objects; only a JSON file holding one
+    array is parsed whole (the `json` loader's way). CSV cells are read as text, an empty cell as missing: "42" is
+    an answer, not the number 42.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # what it logs on a bad file, the error below says
+    what = FORMAT_NAMES[fmt] if fmt == "saved" else f"a {FORMAT_NAMES[fmt]} file"
+
+    def failed(e: Exception) -> PipelineError:
+        return PipelineError(f"{path}: cannot read as {what}: {' '.join(str(e).split())[:200] or type(e).__name__}")
+
+    with tempfile.TemporaryDirectory(prefix="pipeline-datasets-") as scratch:
+        try:
+            if fmt == "saved":
+                ds = datasets.load_from_disk(str(path))
+            else:
+                kwargs = {}
+                if fmt == "csv":
+                    header = _csv_header(path)
+                    if header is None:
+                        return
+                    kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+                              "keep_default_na": False, "na_values": [""]}
+                # data_files are glob patterns: escaped, a name like "qa[1].csv" is that file and no other
+                ds = datasets.load_dataset(fmt, data_files=glob.escape(str(path.resolve())), split="train",
+                                           streaming=True, cache_dir=scratch, **kwargs)
+            batches = iter(ds.iter(batch_size=batch_size))
+        except Exception as e:  # whatever the library raises for a file it cannot read
+            raise failed(e) from e
+        while True:
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BadLine(f"invalid UTF-8 at byte {e.start}") from None
-            if lineno == 1:
-                text = text.removeprefix("\ufeff")  # a byte-order mark, as some editors write
-            if not text.strip():
-                raise BadLine("blank line")
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise BadLine(f"not valid JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise BadLine("not valid JSON (nested too deeply)") from None
-            except ValueError as e:  # e.g. an integer of more than 4300 digits
-                raise BadLine(f"not valid JSON ({' '.join(str(e).split())[:100]})") from None
-            if "\\ud" in text.lower():  # only a \u escape can make an unpaired surrogate: the bytes were UTF-8
-                try:
-                    json.dumps(obj, ensure_ascii=False).encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise BadLine(f"not valid Unicode (unpaired surrogate \\u{ord(e.object[e.start]):04x})") from None
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise failed(e) from e
+            names = list(batch)
+            for values in zip(*(batch[n] for n in names), strict=True):
+                yield dict(zip(names, values, strict=True))
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    """The column names on the first record of a CSV file; None for an empty file."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return next(csv.reader(f), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise PipelineError(f"{path}: cannot read as a CSV file: {e}") from None
+
+
+def _plain(value: object) -> object:
+    """A value read from a table as JSON would hold it: a null is an absent field (also inside a struct: Arrow gives
+    every row every column), dates become ISO text, anything else unknown to JSON its str()."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _rename(obj: dict, columns: Mapping[str, str]) -> dict:
+    """Apply a --columns mapping (documented field -> the file's column): the mapped columns take the documented
+    names, replacing any column that had such a name; other columns stay."""
+    sources = set(columns.values())
+    out = {k: v for k, v in obj.items() if k not in sources and k not in columns}
+    out.update({field_name: obj[source] for field_name, source in columns.items() if source in obj})
+    return out
+
+
+def _validate(path: Path, empty: bool, records: Iterable[tuple[int, object]], *, unit: str, role: str, split: str,
+              with_response: bool, skip_bad_lines: bool, columns: Mapping[str, str] | None,
+              table: bool = False) -> tuple[list[Example], ReadStats]:
+    """Turn (line or row number, parsed value or BadLine) records into Examples, with the checks every format shares.
+
+    Args:
+        unit: "line" (JSONL: locations "file:7") or "row" (tables: "file:row 7").
+        table: the values come from a table: nulls are absent fields, and the first row's keys are its columns.
+    """
+    stats = ReadStats()
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
+    checked_columns = not columns
+    for n, obj in records:
+        stats.lines += 1
+        where = f"{path}:{n}" if unit == "line" else f"{path}:row {n}"
+        try:
+            if isinstance(obj, BadLine):
+                raise obj
+            if columns and isinstance(obj, dict):
+                if not checked_columns:
+                    _check_columns(path, obj, columns, unit)
+                    checked_columns = True
+                obj = _rename(obj, columns)
+            if table:
+                obj = _plain(obj)
             messages = parse_line(obj, with_response=with_response)
             ex_id = obj.get("id")
             if ex_id is None:
-                ex_id = f"{path.name}:{lineno}"
+                ex_id = f"{path.name}:{n}"
             elif isinstance(ex_id, bool) or not isinstance(ex_id, str | int):
                 raise BadLine(f"'id' must be a string or an integer, got {_json_type(ex_id)}")
             ex_id = str(ex_id)
             if ex_id in seen:
-                raise BadLine(f"duplicate id {_brief(ex_id)} (first on line {seen[ex_id]})")
+                raise BadLine(f"duplicate id {_brief(ex_id)} (first {'on' if unit == 'line' else 'in'} {unit} "
+                              f"{seen[ex_id]})")
         except BadLine as e:
-            where = f"{path}:{lineno}"
             if not skip_bad_lines:
                 raise PipelineError(f"{where}: {e} (use --skip-bad-lines to skip such lines)") from None
             stats.skipped.append(f"{where}: {e}")
             continue
-        seen[ex_id] = lineno
-        examples.append(Example(ex_id, messages, f"{path}:{lineno}", role, split, raw=obj))
+        seen[ex_id] = n
+        examples.append(Example(ex_id, messages, where, role, split, raw=obj))
     stats.examples = len(examples)
     if not examples:
-        raise PipelineError(f"{path}: no examples" + (" (file is empty)" if not data.strip() else
-                                                      f" ({len(stats.skipped)} bad lines skipped)"))
+        raise PipelineError(f"{path}: no examples" + (" (file is empty)" if empty else
+                                                      f" ({len(stats.skipped)} bad {unit}s skipped)"))
     return examples, stats
+
+
+def _check_columns(path: Path, first: dict, columns: Mapping[str, str], unit: str) -> None:
+    """A --columns mapping must name columns the file has (judged on its first row: a table's rows all have the
+    same columns, and a JSONL file given a mapping is one of foreign but uniform lines)."""
+    for field_name, source in columns.items():
+        if source not in first:
+            have = ", ".join(map(str, first)) or "none"
+            have = have if len(have) <= 200 else have[:200] + "..."
+            raise PipelineError(f"{path}: --columns {field_name}={source}: no column {source!r} (the first {unit} has: "
+                                f"{have})")
 
 
 def render_prompt_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import GenerateConfig, RehearsalConfig
-from pipeline.data import Example, parse_line, read_jsonl, render_prompt_ids
+from pipeline.data import Example, parse_line, read_examples, render_prompt_ids
 from pipeline.errors import PipelineError
 from pipeline.faults import crash_point
 from pipeline.fileio import atomic_write_text
@@ -138,22 +138,28 @@ class RehearsalSummary:
                 f"  wall time      {self.seconds:.1f} s"]
 
 
-def _done_ids(out: Path) -> set[str]:
-    """Ids already answered in `out`; a torn last line from a crash is cut off first."""
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
+def partial_path(out: Path) -> Path:
+    """Where make-rehearsal appends answered batches until it writes `out` (see [rehearsal order note])."""
+    return out.with_name(out.name + ".partial")
+
+
+def _answered(path: Path) -> dict[str, str]:
+    """id -> JSONL line of the answers already in `path` (an earlier run's OUT or OUT.partial); a torn last line
+    from a crash is cut off first."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         data = data[:data.rfind(b"\n") + 1]
-        with open(out, "r+b") as f:
+        with open(path, "r+b") as f:
             f.truncate(len(data))
-    done = set()
-    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+    answers = {}
+    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(keepends=True), start=1):
         try:
-            done.add(str(json.loads(line)["id"]))
+            answers[str(json.loads(line)["id"])] = line
         except (ValueError, KeyError, TypeError):
-            raise PipelineError(f"{out}:{lineno}: not a line written by make-rehearsal; use another --out") from None
-    return done
+            raise PipelineError(f"{path}:{lineno}: not a line written by make-rehearsal; use another --out") from None
+    return answers
 
 
 def with_answer(ex: Example, answer: str, *, hit_limit: bool) -> dict:
@@ -170,16 +176,29 @@ def with_answer(ex: Example, answer: str, *, hit_limit: bool) -> dict:
 
 
 def make_rehearsal(cfg: RehearsalConfig, log=print) -> RehearsalSummary:
+    """Answer every prompt with the base model and write OUT in the prompts' order.
+
+    [rehearsal order note] Generation runs in length-sorted batches (little padding), so answers arrive out of
+    order. Each answered batch is appended to OUT.partial and fsynced: a killed run loses at most the batch in
+    flight, and a rerun skips the prompts found there (sampling is seeded per batch, so it draws what an
+    uninterrupted run would). Only when every prompt is answered is OUT written, in the prompts' order, atomically
+    (tmp file + rename), and OUT.partial removed: OUT is complete whenever it exists, and a killed-and-rerun run
+    writes the same bytes as an uninterrupted one. A rerun also reads an existing OUT, so a finished file is
+    kept (and rewritten in order if an older version wrote it in batch order); answers to ids that are no longer
+    among the prompts stay, after the others.
+    """
     t0 = time.perf_counter()
-    prompts, stats = read_jsonl(cfg.prompts, with_response=False, skip_bad_lines=cfg.skip_bad_lines)
+    prompts, stats = read_examples(cfg.prompts, with_response=False, skip_bad_lines=cfg.skip_bad_lines,
+                                   columns=cfg.columns)
     for line in stats.skipped[:5]:
         log(f"skipped bad line {line}")
     out = Path(cfg.out)
     if out.is_dir():
         raise PipelineError(f"{out}: is a directory, expected a JSONL file path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    done_ids = _done_ids(out)
-    done = {i for i, ex in enumerate(prompts) if ex.id in done_ids}
+    partial = partial_path(out)
+    answers = {**_answered(out), **_answered(partial)}
+    done = {i for i, ex in enumerate(prompts) if ex.id in answers}
     counts = {"empty": 0, "hit": 0, "new": 0}
     if len(done) < len(prompts):
         source = open_model_source(cfg.model)
@@ -188,9 +207,9 @@ def make_rehearsal(cfg: RehearsalConfig, log=print) -> RehearsalSummary:
         prompt_ids = [render_prompt_ids(tokenizer, ex.messages) for ex in prompts]
         temperature = 0.0 if cfg.greedy else cfg.temperature
         try:
-            f = open(out, "a", encoding="utf-8")  # noqa: SIM115 - appended batch by batch, fsynced
+            f = open(partial, "a", encoding="utf-8")  # noqa: SIM115 - appended batch by batch, fsynced
         except OSError as e:
-            raise PipelineError(f"{out}: cannot write: {e.strerror}") from e
+            raise PipelineError(f"{partial}: cannot write: {e.strerror}") from e
 
         def write(idx: list[int], outs: list[list[int]]) -> None:
             lines = []
@@ -204,7 +223,9 @@ def make_rehearsal(cfg: RehearsalConfig, log=print) -> RehearsalSummary:
                 hit = len(ids) >= cfg.max_new_tokens
                 counts["hit"] += hit
                 counts["new"] += 1
-                lines.append(json.dumps(with_answer(prompts[i], answer, hit_limit=hit), ensure_ascii=False) + "\n")
+                line = json.dumps(with_answer(prompts[i], answer, hit_limit=hit), ensure_ascii=False) + "\n"
+                answers[prompts[i].id] = line
+                lines.append(line)
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
@@ -215,9 +236,15 @@ def make_rehearsal(cfg: RehearsalConfig, log=print) -> RehearsalSummary:
                          temperature=temperature, seed=cfg.seed, device=device, precision=precision,
                          desc="make-rehearsal", on_batch=write, done=done)
         except OSError as e:
-            raise PipelineError(f"{out}: cannot write: {e.strerror or e}") from e
+            raise PipelineError(f"{partial}: cannot write: {e.strerror or e}") from e
         finally:
             f.close()
+    ids = {ex.id for ex in prompts}
+    text = "".join([answers[ex.id] for ex in prompts if ex.id in answers] +
+                   [line for key, line in answers.items() if key not in ids])
+    if not out.exists() or out.read_bytes() != text.encode("utf-8"):
+        atomic_write_text(out, text)
+    partial.unlink(missing_ok=True)
     return RehearsalSummary(len(prompts), counts["new"], len(done), counts["empty"], counts["hit"],
                             time.perf_counter() - t0, out)
 
@@ -230,7 +257,7 @@ def read_prompts(cfg: GenerateConfig) -> list[Example]:
     examples = [Example(f"prompt-{i + 1}", parse_line({"instruction": p}, with_response=False), f"--prompt #{i + 1}",
                         raw={"instruction": p}) for i, p in enumerate(cfg.prompt)]
     if cfg.prompts:
-        more, _ = read_jsonl(cfg.prompts, with_response=False)
+        more, _ = read_examples(cfg.prompts, with_response=False, columns=cfg.columns)
         examples += more
     return examples
 
@@ -248,6 +275,6 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     records = [{"id": ex.id, "prompt": ex.messages[-1]["content"],
                 "answer": tokenizer.decode(ids, skip_special_tokens=True).strip()}
                for ex, ids in zip(examples, outs, strict=True)]
-    if cfg.out:
+    if cfg.out:  # in the prompts' order (generate_all returns them so), atomically
         atomic_write_text(Path(cfg.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records

@@ -137,7 +137,8 @@ def online_rows(cfg: TrainConfig, tokenizer, log=print) -> MemoryRows:
     from pipeline.config import CacheConfig
 
     ccfg = CacheConfig(model=cfg.model, task_train=cfg.task_train, rehearsal_train=cfg.rehearsal_train, out="-",
-                       max_length=cfg.max_length or cache_default("max_length"), skip_bad_lines=cfg.skip_bad_lines)
+                       max_length=cfg.max_length or cache_default("max_length"), skip_bad_lines=cfg.skip_bad_lines,
+                       columns=cfg.columns)
     examples, _, _ = prepare(ccfg, tokenizer, log)
     empty_ids, empty_lps = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
     return MemoryRows([CachedRow(e.id, e.role, e.split, np.asarray(e.input_ids, np.int64),

@@ -137,13 +137,14 @@ def test_make_rehearsal_output_is_valid_input_and_resumes(tiny_model_dir, tmp_pa
     died = subprocess.run(cmd, env={**os.environ, "PIPELINE_CRASH_AT": "rehearsal_batch_written:1"},
                           capture_output=True, text=True)
     assert died.returncode == -9
-    with open(out, "a") as f:
+    with open(out.with_name(out.name + ".partial"), "a") as f:  # answered batches go there until the end
         f.write('{"id": "p9", "instruc')  # a torn line, as a crash mid-write would leave
     ok = subprocess.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     resumed = [json.loads(line) for line in out.read_text().splitlines()]
     assert len({r["id"] for r in resumed}) == len(resumed)
     assert {r["id"]: r for r in resumed} == by_id
+    assert out.read_bytes() == full.read_bytes()  # in the prompts' order, as the uninterrupted run wrote it
 
 
 def test_generate_cli(tiny_model_dir, tmp_path):
