@@ -4,13 +4,22 @@ Everything is scored on the cache's held-out rows, so evaluation needs neither t
 teacher model:
 
 * task: mean per-token CE on the task eval rows, and the task's own score - exact match of the greedy
-  answer (prompt = the cached prompt tokens) against the cached reference, whitespace trimmed;
-* forgetting: mean per-token KL(base || tuned) on the rehearsal eval rows against the cached teacher
-  targets (k+1 buckets, as in training), and the rehearsal CE of the tuned model next to the base's.
+  answer (prompt = the cached prompt tokens) against the cached reference, both decoded with special tokens
+  dropped and surrounding whitespace trimmed (`answer_text`);
+* forgetting, on the rehearsal eval rows (refused if a prompt is also among the rehearsal train rows): per
+  batch one forward with the adapter on and one with it off (the same loaded model: no second copy), then at
+  the response positions
+    kl               mean per-token KL(base || tuned) over the full vocabulary, at T = 1
+    top1_agreement   share of positions where both models' most likely next token is the same
+    kl_topk          mean per-token KL over the cached k+1 buckets (as in training, at the cache's T): cheap,
+                     and a lower bound of kl (at T = 1; merging the tail into one bucket can only lower a KL)
+    ce, base_ce      the general CE of the tuned model and of the base.
+  Without an adapter the tuned model is the base: kl is 0 and top1_agreement 1 by definition.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -24,7 +33,7 @@ from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_json
 from pipeline.format import CachedRow
 from pipeline.generate import generate_all
-from pipeline.losses import response_losses
+from pipeline.losses import full_kl_and_agreement, response_losses
 from pipeline.models import forward_hidden, load_for_inference, open_model_source, output_head, response_positions
 from pipeline.reader import Cache, collate_rows, open_cache
 
@@ -53,9 +62,61 @@ def score_rows(model, rows: Sequence[CachedRow], *, pad_id: int, batch_size: int
 
 
 def split_prompt(row: CachedRow) -> tuple[list[int], list[int]]:
-    """(prompt ids, reference response ids) of a cached row."""
+    """(prompt ids, reference response ids) of a cached row: input_ids before and from the first loss position."""
     first = int(row.loss_mask.argmax())
     return row.input_ids[:first].tolist(), row.input_ids[first:].tolist()
+
+
+@torch.inference_mode()
+def score_forgetting(model, rows: Sequence[CachedRow], *, has_adapter: bool, pad_id: int, batch_size: int,
+                     device: torch.device, precision: str, temperature: float) -> dict:
+    """The forgetting figures of the module docstring over the response tokens of `rows`.
+
+    "Base" is `model` with its adapter switched off (`model.disable_adapter()`): one forward with the adapter and
+    one without per batch, and the full-vocabulary comparison is chunked (losses.full_kl_and_agreement).
+    """
+    from tqdm.auto import tqdm
+
+    head = output_head(model)
+    sums = {"kl": 0.0, "kl_topk": 0.0, "ce": 0.0, "base_ce": 0.0, "agree": 0}
+    n = 0
+    for start in tqdm(range(0, len(rows), batch_size), desc="forgetting", unit="batch", dynamic_ncols=True,
+                      leave=False):
+        batch = collate_rows(rows[start:start + batch_size], pad_id).to(device)
+        r, c = response_positions(batch.loss_mask)
+        labels = batch.input_ids[r, c + 1]
+        h_tuned = forward_hidden(model, batch.input_ids, batch.attention_mask, precision)[r, c]  # (N, H)
+        tuned = response_losses(h_tuned, head.weight, labels, bias=head.bias, logit_softcap=head.softcap,
+                                teacher_ids=batch.teacher_ids, teacher_logprobs=batch.teacher_logprobs,
+                                temperature=temperature, kl="forward")
+        sums["ce"] += tuned.ce.item()
+        sums["kl_topk"] += tuned.kl.item()
+        n += tuned.n_tokens
+        if not has_adapter:  # the tuned model is the base: KL 0, every position agrees (no need to compute either)
+            sums["base_ce"] += tuned.ce.item()
+            sums["agree"] += tuned.n_tokens
+            continue
+        with model.disable_adapter():
+            h_base = forward_hidden(model, batch.input_ids, batch.attention_mask, precision)[r, c]  # (N, H)
+        sums["base_ce"] += response_losses(h_base, head.weight, labels, bias=head.bias,
+                                           logit_softcap=head.softcap).ce.item()
+        kl, agree = full_kl_and_agreement(h_base, h_tuned, head.weight, bias=head.bias, logit_softcap=head.softcap)
+        sums["kl"] += kl.item()
+        sums["agree"] += int(agree)
+    per_token = max(n, 1)
+    return {"kl": sums["kl"] / per_token, "top1_agreement": sums["agree"] / per_token,
+            "kl_topk": sums["kl_topk"] / per_token, "ce": sums["ce"] / per_token,
+            "base_ce": sums["base_ce"] / per_token, "tokens": n}
+
+
+def answer_text(tokenizer, ids: Sequence[int]) -> str:
+    """An answer as exact match compares it: decoded with special tokens dropped, surrounding whitespace trimmed."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+
+def same_answer(tokenizer, prediction: Sequence[int], reference: Sequence[int]) -> bool:
+    """Exact match of two token-id sequences after `answer_text` normalisation."""
+    return answer_text(tokenizer, prediction) == answer_text(tokenizer, reference)
 
 
 def exact_match(model, tokenizer, rows: Sequence[CachedRow], *, batch_size: int, max_new_tokens: int,
@@ -64,12 +125,29 @@ def exact_match(model, tokenizer, rows: Sequence[CachedRow], *, batch_size: int,
     prompts, refs = zip(*(split_prompt(r) for r in rows), strict=True)
     outs = generate_all(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         temperature=0.0, seed=seed, device=device, precision=precision, desc="task answers")
-    refs_text = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in refs]
-    preds = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
-    hits = [p == r for p, r in zip(preds, refs_text, strict=True)]
-    samples = [{"id": row.example_id, "reference": r, "prediction": p}
-               for row, r, p in list(zip(rows, refs_text, preds, strict=True))[:5]]
+    hits = [same_answer(tokenizer, o, r) for o, r in zip(outs, refs, strict=True)]
+    samples = [{"id": row.example_id, "reference": answer_text(tokenizer, r), "prediction": answer_text(tokenizer, o)}
+               for row, r, o in list(zip(rows, refs, outs, strict=True))[:5]]
     return {"exact_match": sum(hits) / max(len(hits), 1), "examples": len(hits), "samples": samples}
+
+
+def refuse_trained_prompts(cache: Cache, rows: Sequence[CachedRow]) -> None:
+    """Refuse held-out general rows whose prompt (token ids) is also a rehearsal training row's prompt.
+
+    Forgetting must be measured on prompts the adapter never trained on. Prompts are compared by a digest of
+    their token ids, so only 20 bytes per training row are held.
+    """
+    def digest(row: CachedRow) -> bytes:
+        first = int(row.loss_mask.argmax())
+        return hashlib.sha1(row.input_ids[:first].astype("<i8").tobytes()).digest()
+
+    trained = {digest(r) for r in cache.iter_rows("rehearsal", "train")}
+    seen = [r.example_id for r in rows if digest(r) in trained]
+    if seen:
+        raise PipelineError(f"{cache.path}: {len(seen)} of {len(rows)} held-out general (rehearsal eval) rows have "
+                            f"a prompt that is also a rehearsal training prompt (e.g. {seen[0]!r}); forgetting must "
+                            "be measured on prompts never trained on: rebuild the cache with disjoint "
+                            "--rehearsal-train and --rehearsal-eval prompts")
 
 
 def eval_rows(cache: Cache, role: str, limit: int | None) -> list[CachedRow]:
@@ -89,6 +167,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     reh_rows = eval_rows(cache, "rehearsal", cfg.limit)
     if not task_rows and not reh_rows:
         raise PipelineError(f"{cache.path}: no eval rows; cache --task-eval and/or --rehearsal-eval data")
+    if reh_rows:
+        refuse_trained_prompts(cache, reh_rows)
     source = open_model_source(cfg.model)
     tokenizer = source.tokenizer
     cache.check_compatible(model_fingerprint=source.fingerprint, tokenizer_fingerprint=source.tokenizer_fingerprint)
@@ -105,14 +185,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
                              device=device, precision=precision, seed=cfg.seed)
             report["task"].update(em)
     if reh_rows:
-        tuned = score_rows(model, reh_rows, with_kl=True, desc="forgetting", **common)
-        if cfg.adapter:
-            with model.disable_adapter():
-                base = score_rows(model, reh_rows, with_kl=False, desc="base CE", **common)
-        else:
-            base = tuned
-        report["forgetting"] = {"examples": len(reh_rows), "kl": tuned["kl"], "ce": tuned["ce"],
-                                "base_ce": base["ce"], "tokens": tuned["tokens"]}
+        forgetting = score_forgetting(model, reh_rows, has_adapter=bool(cfg.adapter), **common)
+        report["forgetting"] = {"examples": len(reh_rows), **forgetting}
     report["settings"] = {"max_new_tokens": cfg.max_new_tokens, "task_score": cfg.task_score, "limit": cfg.limit,
                           "precision": precision, "device": str(device), "top_k": cache.top_k,
                           "temperature": cache.temperature}

@@ -1,4 +1,5 @@
-"""Losses: next-token cross-entropy, sparse KL to a cached top-k teacher (with a residual bucket), L2.
+"""Losses: next-token cross-entropy, sparse KL to a cached top-k teacher (with a residual bucket), L2; and the
+full-vocabulary KL and top-1 agreement between two sets of hidden states that `evaluate` scores forgetting with.
 
 Pure functions of tensors: no model code, no I/O. DESIGN.md section 5 gives the maths:
 
@@ -318,6 +319,62 @@ def topk_logprobs(
     return torch.cat(ids_chunks), torch.cat(lp_chunks)
 
 
+@torch.no_grad()
+def full_kl_and_agreement(
+    h_base: Tensor,
+    h_tuned: Tensor,
+    weight: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    logit_softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """KL(base || tuned) over the whole vocabulary, and top-1 agreement, summed over N tokens (no grad).
+
+    Both hidden-state sets go through the same output head (the same model with its adapter off and on), so
+    this needs no cached targets: per token, with p = softmax(base logits / T) and q = softmax(tuned logits / T),
+
+        KL_t = sum_v p_v (log p_v - log q_v)          agree_t = [argmax_v p_v == argmax_v q_v]
+
+    Args:
+        h_base: (N, H) final hidden states of the base model at the N positions to score, any float dtype.
+        h_tuned: (N, H) the tuned model's at the same positions.
+        weight: (V, H) lm_head weight, shared by both.
+        bias: (V,) lm_head bias, if any.
+        temperature: T of both distributions (1: the models as they are); argmax does not depend on it.
+        chunk_size: tokens per chunk; only one chunk's two (chunk, V) fp32 log-prob blocks (and a few same-size
+            temporaries) exist at a time.
+        logit_softcap: as in response_losses.
+
+    Returns:
+        (kl_sum, n_agree): an fp32 scalar (fp64 if the hidden states are) and a long scalar, on the device of
+        the hidden states; no host sync here.
+    """
+    if h_base.shape != h_tuned.shape:
+        raise ValueError(f"h_base {tuple(h_base.shape)} and h_tuned {tuple(h_tuned.shape)} differ in shape")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dtype = torch.promote_types(torch.promote_types(h_base.dtype, h_tuned.dtype), torch.float32)
+    kl_sum = torch.zeros((), dtype=dtype, device=h_base.device)
+    n_agree = torch.zeros((), dtype=torch.long, device=h_base.device)
+    for start in range(0, h_base.shape[0], chunk_size):
+        end = start + chunk_size
+        base = _logits(h_base[start:end], weight, bias, logit_softcap, dtype)  # (n, V)
+        tuned = _logits(h_tuned[start:end], weight, bias, logit_softcap, dtype)  # (n, V)
+        n_agree += (base.argmax(-1) == tuned.argmax(-1)).sum()
+        log_p = torch.log_softmax(base / temperature if temperature != 1.0 else base, dim=-1)  # (n, V)
+        log_q = torch.log_softmax(tuned / temperature if temperature != 1.0 else tuned, dim=-1)  # (n, V)
+        del base, tuned
+        # 0 log 0 = 0: a token the base gives no mass contributes nothing, whatever the tuned model gives it (its
+        # log-ratio may be -inf - -inf = NaN there).
+        diff = (log_p - log_q).masked_fill_(log_p == float("-inf"), 0.0)
+        kl_sum += (log_p.exp() * diff).sum()
+    return kl_sum, n_agree
+
+
 def l2_penalty(params: Iterable[Tensor]) -> Tensor:
     """Sum of squared entries of every tensor in `params`, an fp32 scalar (the mu * sum ||LoRA params||^2 term).
 
@@ -341,6 +398,7 @@ __all__ = [
     "REVERSE_RESIDUAL_FLOOR",
     "TEACHER_LOGPROB_FLOOR",
     "LossSums",
+    "full_kl_and_agreement",
     "l2_penalty",
     "per_token_kl",
     "response_losses",

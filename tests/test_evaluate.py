@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from pipeline.cache import build_cache
 from pipeline.cli import main
 from pipeline.config import CacheConfig, EvalConfig, RehearsalConfig, SweepConfig, TrainConfig
 from pipeline.data import read_jsonl
-from pipeline.evaluate import evaluate
+from pipeline.errors import PipelineError
+from pipeline.evaluate import answer_text, evaluate, same_answer, split_prompt
 from pipeline.generate import make_rehearsal
+from pipeline.reader import open_cache
 from pipeline.sweep import plan_runs, sweep
 from pipeline.train import train
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
@@ -25,37 +28,159 @@ from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
 QUIET = {"log": lambda *_: None}
 
 
-@pytest.fixture(scope="module")
-def eval_cache(tmp_path_factory, tiny_model_dir) -> Path:
-    d = tmp_path_factory.mktemp("eval-cache")
+# Held-out general prompts: none of them is a rehearsal training prompt (GENERAL_ROWS), as evaluate requires.
+GENERAL_EVAL_ROWS = [
+    {"id": "g0", "instruction": "What is the capital of Italy?", "output": "Rome is the capital of Italy."},
+    {"id": "g1", "instruction": "Write a short poem about the fox.", "output": "The quick brown fox jumps."},
+    {"id": "g2", "messages": [{"role": "user", "content": "患者の治療を要約してください。"},
+                              {"role": "assistant", "content": "患者は高血圧の治療中です。"}]},
+    {"id": "g3", "input": "def sub(a, b):", "output": "    return a - b"},
+]
+
+
+def build_eval_cache(d: Path, model_dir: Path, general_eval: list[dict]) -> Path:
     rows = TASK_ROWS + [{**r, "output": r["output"].replace("twice", "once")} for r in TASK_ROWS]
     task = write_jsonl(d / "task.jsonl", rows)
     task_eval = write_jsonl(d / "task_eval.jsonl", [{**r, "id": f"e{i}"} for i, r in enumerate(rows[:4])])
     general = write_jsonl(d / "general.jsonl", GENERAL_ROWS)
-    general_eval = write_jsonl(d / "general_eval.jsonl", [{**r, "id": f"g{i}"} for i, r in enumerate(GENERAL_ROWS)])
     out = d / "cache"
-    build_cache(CacheConfig(model=str(tiny_model_dir), out=str(out), task_train=str(task), task_eval=str(task_eval),
-                            rehearsal_train=str(general), rehearsal_eval=str(general_eval), top_k=8, max_length=256),
-                **QUIET)
+    build_cache(CacheConfig(model=str(model_dir), out=str(out), task_train=str(task), task_eval=str(task_eval),
+                            rehearsal_train=str(general),
+                            rehearsal_eval=str(write_jsonl(d / "general_eval.jsonl", general_eval)), top_k=8,
+                            max_length=256), **QUIET)
     return out
 
 
-def test_evaluate_base_has_zero_kl_and_trained_adapter_does_not(tiny_model_dir, eval_cache, tmp_path):
+@pytest.fixture(scope="module")
+def eval_cache(tmp_path_factory, tiny_model_dir) -> Path:
+    return build_eval_cache(tmp_path_factory.mktemp("eval-cache"), tiny_model_dir, GENERAL_EVAL_ROWS)
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, tiny_model_dir, eval_cache) -> Path:
+    """A few plain-SFT steps at a high learning rate: an adapter that clearly moved the model."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(TrainConfig(model=str(tiny_model_dir), cache=str(eval_cache), out=str(out), max_steps=10, batch_size=4,
+                      lr=1e-2, warmup_steps=1, kd_lambda=0.0), **QUIET)
+    return out / "adapter"
+
+
+def naive_forgetting(model_dir: Path, adapter: Path, cache: Path, precision: str) -> dict:
+    """The forgetting figures written the obvious way: the 4-bit base and base + adapter loaded SEPARATELY (plain
+    peft.PeftModel), each held-out general row run alone (no padding), full (T, V) log_softmax in float64,
+    F.kl_div at the response positions."""
+    from peft import PeftModel
+
+    from pipeline.models import load_model
+
+    cpu = torch.device("cpu")
+    base = load_model(model_dir, cpu, precision)
+    tuned = PeftModel.from_pretrained(load_model(model_dir, cpu, precision), adapter).eval()
+    kls, agree, ce, base_ce = [], 0, 0.0, 0.0
+    for row in open_cache(cache).iter_rows("rehearsal", "eval"):
+        ids = torch.as_tensor(row.input_ids)[None]
+        with torch.no_grad():
+            log_p = F.log_softmax(base(input_ids=ids).logits[0].double(), dim=-1)  # (T, V)
+            log_q = F.log_softmax(tuned(input_ids=ids).logits[0].double(), dim=-1)  # (T, V)
+        targets = torch.as_tensor(row.loss_mask).nonzero()[:, 0]  # response tokens, predicted one position earlier
+        at, labels = targets - 1, ids[0, targets]
+        kls += F.kl_div(log_q[at], log_p[at], log_target=True, reduction="none").sum(-1).tolist()
+        agree += int((log_p[at].argmax(-1) == log_q[at].argmax(-1)).sum())
+        ce -= log_q[at, labels].sum().item()
+        base_ce -= log_p[at, labels].sum().item()
+    n = len(kls)
+    return {"kl": sum(kls) / n, "agree": agree, "ce": ce / n, "base_ce": base_ce / n, "tokens": n}
+
+
+def test_forgetting_kl_and_agreement_equal_a_naive_two_model_computation(tiny_model_dir, eval_cache, trained_adapter,
+                                                                         tmp_path):
+    out = tmp_path / "eval.json"
+    tuned = evaluate(EvalConfig(model=str(tiny_model_dir), cache=str(eval_cache), adapter=str(trained_adapter),
+                                out=str(out), task_score="none", batch_size=3), **QUIET)
+    f = tuned["forgetting"]
+    naive = naive_forgetting(tiny_model_dir, trained_adapter, eval_cache, tuned["settings"]["precision"])
+    assert f["tokens"] == naive["tokens"] and f["examples"] == len(GENERAL_EVAL_ROWS)
+    assert naive["kl"] > 0.05  # the adapter clearly moved the model, so matching it means something
+    assert abs(f["kl"] - naive["kl"]) < 1e-5
+    assert 0 < naive["agree"] < naive["tokens"]  # some positions agree and some do not
+    assert f["top1_agreement"] == naive["agree"] / naive["tokens"]
+    assert f["ce"] == pytest.approx(naive["ce"], abs=1e-5) and f["base_ce"] == pytest.approx(naive["base_ce"], abs=1e-5)
+    # The cached k+1-bucket figure is a lower bound of the full-vocabulary one (the cache is at T = 1 here).
+    assert 0 < f["kl_topk"] <= f["kl"]
+    assert json.loads(out.read_text())["forgetting"] == f
+    assert set(f) == {"examples", "kl", "top1_agreement", "kl_topk", "ce", "base_ce", "tokens"}
+
+
+def test_base_model_forgets_nothing_by_definition(tiny_model_dir, eval_cache, trained_adapter):
     base = evaluate(EvalConfig(model=str(tiny_model_dir), cache=str(eval_cache), max_new_tokens=24), **QUIET)
-    assert base["forgetting"]["kl"] < 1e-5
-    assert base["forgetting"]["ce"] == base["forgetting"]["base_ce"]
+    f = base["forgetting"]
+    assert f["kl"] == 0.0 and f["top1_agreement"] == 1.0  # by definition: the tuned model is the base
+    assert f["kl_topk"] < 1e-3  # the cached teacher is this same 4-bit model
+    naive = naive_forgetting(tiny_model_dir, trained_adapter, eval_cache, base["settings"]["precision"])
+    assert f["ce"] == pytest.approx(naive["base_ce"], abs=1e-5) and f["base_ce"] == pytest.approx(naive["base_ce"],
+                                                                                                  abs=1e-5)
     assert base["task"]["examples"] == 4 and 0.0 <= base["task"]["exact_match"] <= 1.0
     assert len(base["task"]["samples"]) == 4 and base["task"]["samples"][0]["reference"].startswith('{"medication"')
 
-    train(TrainConfig(model=str(tiny_model_dir), cache=str(eval_cache), out=str(tmp_path / "r"), max_steps=12,
-                      batch_size=4, lr=3e-3, warmup_steps=1, kd_lambda=0.0), **QUIET)
-    out = tmp_path / "eval.json"
-    tuned = evaluate(EvalConfig(model=str(tiny_model_dir), cache=str(eval_cache), adapter=str(tmp_path / "r/adapter"),
-                                out=str(out), max_new_tokens=24), **QUIET)
-    assert tuned["forgetting"]["kl"] > 1e-3
-    assert tuned["forgetting"]["base_ce"] == pytest.approx(base["forgetting"]["ce"], rel=1e-5)
+    tuned = evaluate(EvalConfig(model=str(tiny_model_dir), cache=str(eval_cache), adapter=str(trained_adapter),
+                                max_new_tokens=24), **QUIET)
     assert tuned["task"]["ce"] < base["task"]["ce"]  # it learned the task
-    assert json.loads(out.read_text())["forgetting"]["kl"] == tuned["forgetting"]["kl"]
+    assert tuned["forgetting"]["base_ce"] == pytest.approx(f["ce"], rel=1e-5)
+
+
+def test_same_answer_drops_special_tokens_and_trims_whitespace(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+
+    def ids(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False)
+
+    ref = [*ids('{"dose": "500 mg"}'), end]
+    assert answer_text(tok, ref) == '{"dose": "500 mg"}'
+    assert same_answer(tok, ref, ref)
+    assert same_answer(tok, [start, *ids(' \n{"dose": "500 mg"}\n '), end, end], ref)
+    for altered in ('{"dose": "500mg"}', '{"dose": "500 mg"', '{"Dose": "500 mg"}', '{"dose": "250 mg"}', ""):
+        assert not same_answer(tok, [*ids(altered), end], ref), altered
+
+
+def test_exact_match_through_evaluate(tiny_model_dir, eval_cache, monkeypatch):
+    """Generation replaced by the cached references (as new token ids, padded with whitespace and special tokens):
+    1.0; the same with one character altered: 0.0."""
+    from transformers import AutoTokenizer
+
+    import pipeline.evaluate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    answers = {tuple(p): answer_text(tok, r)
+               for p, r in map(split_prompt, open_cache(eval_cache).iter_rows("task", "eval"))}
+    assert len(answers) == 4 and all(a.startswith('{"medication"') for a in answers.values())
+
+    def generate_with(edit):
+        def fake(model, tokenizer, prompts, **_):
+            return [[*tokenizer.encode(f" {edit(answers[tuple(p)])}\n", add_special_tokens=False), end]
+                    for p in prompts]
+        return fake
+
+    cfg = EvalConfig(model=str(tiny_model_dir), cache=str(eval_cache))
+    monkeypatch.setattr(pipeline.evaluate, "generate_all", generate_with(lambda a: a))
+    task = evaluate(cfg, **QUIET)["task"]
+    assert task["exact_match"] == 1.0 and task["examples"] == 4
+    assert all(s["prediction"] == s["reference"] for s in task["samples"])
+    monkeypatch.setattr(pipeline.evaluate, "generate_all", generate_with(lambda a: a.replace(" mg", "mg")))
+    assert evaluate(cfg, **QUIET)["task"]["exact_match"] == 0.0
+
+
+def test_evaluate_refuses_general_rows_trained_on(tiny_model_dir, tmp_path):
+    """A held-out general row whose prompt is a rehearsal training prompt (another id, another answer) is refused."""
+    trained = {**GENERAL_ROWS[1], "id": "seen-poem", "output": "Another poem, never trained on."}
+    cache = build_eval_cache(tmp_path, tiny_model_dir, [*GENERAL_EVAL_ROWS, trained])
+    with pytest.raises(PipelineError) as e:
+        evaluate(EvalConfig(model=str(tiny_model_dir), cache=str(cache), task_score="none"), **QUIET)
+    message = str(e.value)
+    assert "\n" not in message and str(cache) in message and "'seen-poem'" in message and "1 of 5" in message
 
 
 def test_sweep_reuses_cache_resumes_and_reports(tiny_model_dir, eval_cache, tmp_path, monkeypatch):

@@ -151,8 +151,8 @@ def test_model_that_is_gone_or_another_tokenizer(cache, tiny_model_dir, tmp_path
 def test_example_view_by_hand(tiny_model_dir):
     """Hand-made targets: the token that stands at a position is the teacher's 1st, then its 3rd, then not in the
     top-k; the residual is 1 minus the mass of all k cached tokens."""
-    from pipeline.inspect import example_view
     from pipeline.format import CachedRow
+    from pipeline.inspect import example_view
 
     tokenizer = load_tokenizer(tiny_model_dir)
     ids = tokenizer("The sea is wide", add_special_tokens=False)["input_ids"]

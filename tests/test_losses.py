@@ -1,5 +1,6 @@
 """Tests for pipeline.losses: chunked == unchunked == a dense full-vocabulary reference, hand-computed values,
-gradients, edge cases (no tokens, everything masked, fp16 teacher), the teacher-side top-k and the L2 penalty.
+gradients, edge cases (no tokens, everything masked, fp16 teacher), the teacher-side top-k, the full-vocabulary
+KL and top-1 agreement that evaluate scores forgetting with, and the L2 penalty.
 
 The reference below is written the obvious way on purpose (full logits, full log-softmax, a Python loop over tokens
 and buckets, residual mass as a plain sum of probabilities, float64) and shares no helper with the module under test.
@@ -15,7 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline import losses
-from pipeline.losses import KL_KINDS, REVERSE_RESIDUAL_FLOOR, l2_penalty, response_losses, topk_logprobs
+from pipeline.losses import (
+    KL_KINDS,
+    REVERSE_RESIDUAL_FLOOR,
+    full_kl_and_agreement,
+    l2_penalty,
+    response_losses,
+    topk_logprobs,
+)
 
 N, V, H, K = 13, 64, 16, 5  # 13 tokens: not a multiple of the chunk sizes 3 and 7, so the last chunk is partial
 CHUNK_SIZES = (3, 7, 1024)  # 1024 >= N: the unchunked case
@@ -525,6 +533,87 @@ def test_topk_logprobs_roundtrip_is_zero_kl() -> None:
             kl=kind,
         )
         assert abs(out.kl.item()) < 1e-5
+
+
+# ------------------------------------------------------------------------- full-vocabulary KL and top-1 agreement
+
+
+def dense_full_kl(h_base: Tensor, h_tuned: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
+                  softcap: float | None) -> tuple[float, int]:
+    """(sum of KL(base || tuned), count of equal argmaxes) in float64 from the full (N, V) logits at once."""
+    def logits(h: Tensor) -> Tensor:
+        z = h.double() @ weight.double().T
+        z = z + bias.double() if bias is not None else z
+        return softcap * torch.tanh(z / softcap) if softcap is not None else z
+
+    zb, zt = logits(h_base), logits(h_tuned)
+    log_p, log_q = F.log_softmax(zb / temperature, dim=-1), F.log_softmax(zt / temperature, dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")  # sum_v p_v (log p_v - log q_v)
+    return kl.item(), int((zb.argmax(-1) == zt.argmax(-1)).sum())
+
+
+def full_kl_problem(bias: bool = False) -> dict[str, Tensor | None]:
+    """Base and tuned hidden states close enough that some tokens' argmax agree and some do not."""
+    h_base = torch.randn(N, H, dtype=torch.float64)
+    return {"h_base": h_base, "h_tuned": h_base + 0.3 * torch.randn(N, H, dtype=torch.float64),
+            "weight": torch.randn(V, H, dtype=torch.float64), "bias": torch.randn(V, dtype=torch.float64) if bias
+            else None}
+
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize(("temperature", "bias", "softcap"), [(1.0, False, None), (2.0, True, 3.0)])
+def test_full_kl_matches_dense(chunk_size: int, temperature: float, bias: bool, softcap: float | None) -> None:
+    prob = full_kl_problem(bias)
+    ref_kl, ref_agree = dense_full_kl(**prob, temperature=temperature, softcap=softcap)
+    assert 0 < ref_agree < N and ref_kl > 1e-3  # the problem exercises both outcomes of the agreement count
+    kl, agree = full_kl_and_agreement(**prob, temperature=temperature, chunk_size=chunk_size, logit_softcap=softcap)
+    assert kl.dtype == torch.float64 and agree.dtype == torch.long
+    assert kl.item() == pytest.approx(ref_kl, rel=1e-12) and int(agree) == ref_agree
+    # fp32 hidden states compute in fp32 and still match the float64 reference closely.
+    kl32, agree32 = full_kl_and_agreement(prob["h_base"].float(), prob["h_tuned"].float(), prob["weight"].float(),
+                                          bias=None if prob["bias"] is None else prob["bias"].float(),
+                                          temperature=temperature, chunk_size=chunk_size, logit_softcap=softcap)
+    assert kl32.dtype == torch.float32 and int(agree32) == ref_agree
+    assert kl32.item() == pytest.approx(ref_kl, rel=1e-4)
+
+
+def test_full_kl_chunked_equals_unchunked_and_never_builds_more_than_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    prob = full_kl_problem(bias=True)
+    whole = full_kl_and_agreement(**prob, chunk_size=1024)
+    rows_seen: list[int] = []
+    real_logits = losses._logits
+    monkeypatch.setattr(losses, "_logits", lambda h, *a: rows_seen.append(h.shape[0]) or real_logits(h, *a))
+    chunked = full_kl_and_agreement(**prob, chunk_size=4)
+    assert chunked[0].item() == pytest.approx(whole[0].item(), rel=1e-12) and int(chunked[1]) == int(whole[1])
+    assert max(rows_seen) == 4 and sum(rows_seen) == 2 * N  # base and tuned logits, one chunk of tokens at a time
+
+
+def test_full_kl_hand_computed() -> None:
+    """The identity head makes the hidden states the logits. Token 1: p = (3/4, 1/4), q = (2/3, 1/3), same argmax.
+    Token 2: logits (1, 0) against (0, 1): KL = p_0 - p_1 = tanh(1/2), argmaxes differ."""
+    h_base = torch.tensor([[math.log(3.0), 0.0], [1.0, 0.0]], dtype=torch.float64)
+    h_tuned = torch.tensor([[math.log(2.0), 0.0], [0.0, 1.0]], dtype=torch.float64)
+    kl, agree = full_kl_and_agreement(h_base, h_tuned, torch.eye(2, dtype=torch.float64), chunk_size=1)
+    expected = 0.75 * math.log(0.75 / (2 / 3)) + 0.25 * math.log(0.25 / (1 / 3)) + math.tanh(0.5)
+    assert kl.item() == pytest.approx(expected, rel=1e-12) and int(agree) == 1
+
+
+def test_full_kl_edge_cases() -> None:
+    prob = full_kl_problem()
+    same = full_kl_and_agreement(prob["h_base"], prob["h_base"], prob["weight"], chunk_size=5)
+    assert same[0].item() == 0.0 and int(same[1]) == N
+    empty = full_kl_and_agreement(prob["h_base"][:0], prob["h_tuned"][:0], prob["weight"])
+    assert empty[0].item() == 0.0 and int(empty[1]) == 0
+    # A token no model can emit (a -inf bias, as padded vocabularies have): 0 log 0 = 0, not NaN.
+    bias = torch.zeros(V, dtype=torch.float64)
+    bias[3] = float("-inf")
+    kl, _ = full_kl_and_agreement(prob["h_base"], prob["h_tuned"], prob["weight"], bias=bias)
+    ref_kl, _ = dense_full_kl(prob["h_base"], prob["h_tuned"], prob["weight"], bias.clamp_min(-1e4), 1.0, None)
+    assert kl.item() == pytest.approx(ref_kl, rel=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        full_kl_and_agreement(prob["h_base"], prob["h_tuned"][:3], prob["weight"])
+    with pytest.raises(ValueError, match="temperature"):
+        full_kl_and_agreement(prob["h_base"], prob["h_tuned"], prob["weight"], temperature=0.0)
 
 
 def test_l2_penalty() -> None:
