@@ -49,6 +49,8 @@ class TrainState:
     window: StepStats = field(default_factory=StepStats)  # sums since the last metrics line
     best_avg: float = math.inf  # lowest running average of the loss (divergence check)
     avg: float | None = None  # running average of the loss
+    examples: int = 0  # examples drawn so far, over all processes
+    rehearsal_examples: int = 0  # of which rehearsal examples: the realised rehearsal ratio of the run
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:

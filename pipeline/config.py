@@ -132,6 +132,9 @@ class TrainConfig(CommonConfig):
         problems = []
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite exclude each other")
+        if self.kd_on == "rehearsal" and self.rehearsal_ratio == 0:
+            problems.append("kd_on: rehearsal puts the KL on rehearsal examples only, but rehearsal_ratio is 0: no "
+                            "step would have any; give --rehearsal-ratio > 0 or --kd-on all")
         if self.online_teacher:
             if self.cache:
                 problems.append("--online-teacher trains without a cache: drop --cache (or --online-teacher)")

@@ -25,7 +25,7 @@ import yaml
 from pipeline import __version__, distributed
 from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig, config_differences, to_dict
-from pipeline.data import draw_step
+from pipeline.data import draw_step, rehearsal_total
 from pipeline.errors import PipelineError
 from pipeline.faults import crash_point
 from pipeline.fileio import atomic_write_text, fsync_dir, remove_tmp_files
@@ -167,6 +167,11 @@ def setup(cfg: TrainConfig, log=print) -> Run:
                                 "--online-teacher) or pass --rehearsal-ratio 0")
         if cfg.rehearsal_ratio < 1 and n_task == 0:
             raise PipelineError(f"{rows.path}: no task training rows (--task-train)")
+        n = global_batch(cfg)
+        if cfg.rehearsal_ratio > 0 and rehearsal_total(cfg.rehearsal_ratio, n, cfg.max_steps) == 0:
+            raise PipelineError(f"rehearsal_ratio {cfg.rehearsal_ratio} of {n} examples per step over {cfg.max_steps} "
+                                "steps rounds to no rehearsal example at all; raise --rehearsal-ratio, the batch or "
+                                "--max-steps, or pass --rehearsal-ratio 0")
         device = distributed.place(resolve_device(cfg.device))
         return tokenizer, rows, n_reh, device, resolve_precision(cfg.precision, device)
 
@@ -385,6 +390,8 @@ def fit(run: Run, log=print) -> dict:
             dt = time.perf_counter() - t0
             s.window.add(out, dt)
             s.tokens += out["tokens"]
+            s.examples += out["examples"]
+            s.rehearsal_examples += out["rehearsal_examples"]
             s.seconds += dt
             bar.update(1)
             bar.set_postfix_str(f"loss {out['loss']:.3f} ce {out['ce']:.3f}"
@@ -454,6 +461,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "step0_kl": (s.step0 or {}).get("kl"),
         "step0_ce": (s.step0 or {}).get("ce"),
         "final": s.last,
+        "rehearsal_ratio": round(s.rehearsal_examples / max(s.examples, 1), 6),  # realised over the whole run
+        "rehearsal_examples": s.rehearsal_examples,
+        "examples": s.examples,
         "train_seconds": round(s.seconds, 2),
         "seconds_per_step": round(s.seconds / max(s.step, 1), 3),
         "tokens_per_s": round(s.tokens / max(s.seconds, 1e-9), 1),

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from pipeline.cache import build_cache
 from pipeline.config import CacheConfig, TrainConfig
-from pipeline.data import rehearsal_count
+from pipeline.data import draw_step, rehearsal_count, rehearsal_total
 from pipeline.errors import PipelineError
-from pipeline.format import MANIFEST
+from pipeline.format import MANIFEST, CachedRow
 from pipeline.models import save_adapter
-from pipeline.reader import RowStream, open_cache
+from pipeline.reader import MemoryRows, RowStream, open_cache
 from pipeline.train import loss_step, micro_batches, optimizer_step, setup, train
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, build_tiny_model_dir, write_jsonl
 
@@ -78,14 +78,125 @@ def test_rehearsal_mixing_per_step(tiny_model_dir, tiny_cache, tmp_path):
     for ratio, n in ((0.3, 8), (0.5, 4), (0.0, 4), (1.0, 4)):
         run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / f"m{ratio}", rehearsal_ratio=ratio, batch_size=n),
                     **QUIET)
+        counts = []
         for step in range(1, 5):
             (batch,) = micro_batches(run, step)
-            assert batch.n_rehearsal_examples == rehearsal_count(ratio, n) == round(ratio * n + 1e-9)
+            assert batch.n_rehearsal_examples == rehearsal_count(ratio, n, step)
+            counts.append(batch.n_rehearsal_examples)
+        assert sum(counts) == round(ratio * n * 4 + 1e-9)
     # Streams cycle endlessly, each epoch a new permutation, each row exactly once per epoch.
     stream = RowStream(cache, "task", "train", seed=0, window=1)
     first = [r.example_id for r in stream.take(stream.size)]
     second = [r.example_id for r in stream.take(stream.size)]
     assert sorted(first) == sorted(second) and len(set(first)) == stream.size and first != second
+
+
+class _Stream:
+    """A stand-in for reader.RowStream: an endless numbered stream of one role."""
+
+    def __init__(self, role: str):
+        self.role, self.pos = role, 0
+
+    def take(self, n: int) -> list[tuple[str, int]]:
+        self.pos += n
+        return [(self.role, i) for i in range(self.pos - n, self.pos)]
+
+
+def test_rehearsal_ratio_is_exact_over_the_run_and_within_a_row_per_step():
+    """DESIGN.md section 6: step s takes round(r n s) - round(r n (s-1)) rehearsal rows."""
+    # Hand-computed: 2.4 s rounded = 2, 5, 7, 10, 12, 14, 17, 19, 22, 24.
+    assert [rehearsal_count(0.3, 8, s) for s in range(1, 11)] == [2, 3, 2, 3, 2, 2, 3, 2, 3, 2]
+    assert rehearsal_count(0.3, 5, 1) == 2  # 1.5: a half rounds up
+    # [exact ratio note] 0.3 * 9 * 5 is 13.5 exactly, 13.499999999999998 in floats: the exact half still rounds up.
+    assert rehearsal_total(0.3, 9, 5) == 14 and rehearsal_total(0.3, 9, 4) == 11
+    for batch in range(1, 17):
+        for accum in (1, 2):
+            for procs in (1, 2, 3):
+                n = batch * accum * procs
+                for ratio in (0.1, 0.3, 0.5):
+                    task, rehearsal = _Stream("task"), _Stream("rehearsal")
+                    total = 0
+                    for step in range(1, 101):
+                        rows = draw_step(task, rehearsal, n, ratio, seed=0, step=step)
+                        k = sum(role == "rehearsal" for role, _ in rows)
+                        assert len(rows) == n and abs(k - ratio * n) < 1, (batch, accum, procs, ratio, step)
+                        total += k
+                    assert abs(total - ratio * n * 100) <= 0.5, (batch, accum, procs, ratio)
+                    assert total == rehearsal.pos and n * 100 - total == task.pos
+
+
+def _memory_rows() -> MemoryRows:
+    def row(i: int, role: str) -> CachedRow:
+        return CachedRow(f"{role}-{i:03d}", role, "train", np.arange(4), np.array([0, 0, 1, 1], bool),
+                         np.zeros((2, 1), np.int64), np.zeros((2, 1), np.float32))
+    return MemoryRows([row(i, "task") for i in range(37)] + [row(i, "rehearsal") for i in range(11)], group_size=5)
+
+
+def _draw_ids(steps: range, state: dict | None) -> tuple[list[list[str]], dict]:
+    """The example ids of `steps` drawn from fresh streams (at `state`, if given); and the streams' state after."""
+    rows = _memory_rows()
+    task, reh = RowStream(rows, "task", "train", seed=3), RowStream(rows, "rehearsal", "train", seed=3)
+    if state:
+        task.load_state_dict(state["task"])
+        reh.load_state_dict(state["rehearsal"])
+    ids = [[r.example_id for r in draw_step(task, reh, 7, 0.3, seed=3, step=s)] for s in steps]
+    return ids, {"task": task.state_dict(), "rehearsal": reh.state_dict()}
+
+
+def test_mixing_resumes_with_the_same_sequence():
+    """Steps 38-100 drawn by a new process from the streams' checkpointed state equal an uninterrupted draw."""
+    whole, _ = _draw_ids(range(1, 101), None)
+    first, state = _draw_ids(range(1, 38), None)
+    code = ("import json, sys; from tests.test_train import _draw_ids; "
+            "print(json.dumps(_draw_ids(range(38, 101), json.loads(sys.argv[1]))[0]))")
+    rest = subprocess.run([sys.executable, "-c", code, json.dumps(state)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], check=True)
+    assert first + json.loads(rest.stdout) == whole
+    assert sum(i.startswith("rehearsal") for step in whole for i in step) == round(0.3 * 7 * 100)
+
+
+def test_per_rank_slices_concatenate_to_the_one_process_draw(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
+    """[global step note] Each of P processes (batch B/P) keeps its slice of the same global draw."""
+    import dataclasses
+
+    from pipeline import distributed
+
+    run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", batch_size=6, rehearsal_ratio=0.3), **QUIET)
+    fresh = {name: s.state_dict() for name, s in (("task", run.task), ("rehearsal", run.rehearsal))}
+
+    def draws(batch_size: int, grad_accum: int, world: int, rank: int) -> list[list[list[int]]]:
+        """Per step, this rank's examples as token-id lists (padding removed)."""
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        run.cfg = dataclasses.replace(run.cfg, batch_size=batch_size, grad_accum=grad_accum)
+        run.task.load_state_dict(fresh["task"])
+        run.rehearsal.load_state_dict(fresh["rehearsal"])
+        out = []
+        for step in range(1, 6):
+            out.append([ids[att.bool()].tolist() for b in micro_batches(run, step)
+                        for ids, att in zip(b.input_ids, b.attention_mask, strict=True)])
+        return out
+
+    one = draws(6, 1, 1, 0)
+    assert sum(len(step) for step in one) == 30
+    for batch_size, grad_accum, world in ((3, 1, 2), (1, 3, 2), (2, 1, 3), (1, 2, 3)):
+        ranks = [draws(batch_size, grad_accum, world, r) for r in range(world)]
+        for s in range(5):
+            assert [x for r in ranks for x in r[s]] == one[s], (batch_size, grad_accum, world, s + 1)
+
+
+def test_rehearsal_that_cannot_happen_is_refused(tiny_model_dir, tiny_cache, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"kd_on: rehearsal .* rehearsal_ratio is 0"):
+        load_config(TrainConfig, None, {"cache": "c", "out": "o", "kd_on": "rehearsal", "rehearsal_ratio": 0})
+    # 0.01 * 4 examples * 6 steps = 0.24 rehearsal examples: rounds to none.
+    with pytest.raises(PipelineError, match=r"rehearsal_ratio 0.01 of 4 examples per step over 6 steps rounds to no"):
+        setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "o", rehearsal_ratio=0.01), **QUIET)
+    # 0.125 * 4 * 1 = 0.5 rounds up: one rehearsal example, in the only step.
+    run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "o2", rehearsal_ratio=0.125, max_steps=1), **QUIET)
+    assert micro_batches(run, 1)[0].n_rehearsal_examples == 1
 
 
 def test_ratio_without_rehearsal_rows_is_an_error(tiny_model_dir, tmp_path):
@@ -228,6 +339,10 @@ def test_kd_keeps_student_closer_to_teacher(tiny_model_dir, tiny_cache, tmp_path
                                                                    "adapter_model.safetensors"]
     run_yaml = yaml.safe_load((out / "run.yaml").read_text())
     assert run_yaml["status"] == "finished" and run_yaml["config"]["kd_lambda"] == 16.0
+    # 16 steps x 4 examples at 0.3: round(19.2) = 19 rehearsal examples (per-step rounding gave 16, 25%).
+    summary = run_yaml["summary"]
+    assert (summary["rehearsal_examples"], summary["examples"]) == (rehearsal_total(0.3, 4, 16), 64) == (19, 64)
+    assert summary["rehearsal_ratio"] == pytest.approx(19 / 64)
     assert run_yaml["cache"]["fingerprint"] == open_cache(tiny_cache).fingerprint
 
 
