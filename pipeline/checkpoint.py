@@ -51,6 +51,7 @@ class TrainState:
     avg: float | None = None  # running average of the loss
     examples: int = 0  # examples drawn so far, over all processes
     rehearsal_examples: int = 0  # of which rehearsal examples: the realised rehearsal ratio of the run
+    eval_seconds: float = 0.0  # time spent scoring held-out rows (--eval-every), not in `seconds`
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:

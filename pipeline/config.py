@@ -118,6 +118,11 @@ class TrainConfig(CommonConfig):
     divergence_factor: float = opt(4.0, "Stop when the loss exceeds this multiple of its best running average.",
                                    min=1)
     log_every: int = opt(10, "Write a line to metrics.jsonl every N steps.", positive=True)
+    eval_every: int = opt(0, "Every N steps and at the end, score the cache's held-out rows (task CE, and the cached "
+                          "k+1-bucket forgetting KL; no generation) as an eval line in metrics.jsonl: the training "
+                          "curves. 0 = off.", min=0)
+    eval_limit: int = opt(64, "With --eval-every: at most this many held-out rows of each kind (the first by example "
+                          "id, as evaluate --limit).", positive=True)
     save_every: int = opt(50, "Write a resumable checkpoint every N steps.", positive=True)
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", positive=True)
     temperature: float | None = opt(None, "Distillation temperature; must equal the cache's (default: the cache's; "
@@ -140,6 +145,8 @@ class TrainConfig(CommonConfig):
                 problems.append("--online-teacher trains without a cache: drop --cache (or --online-teacher)")
             if not (self.task_train or self.rehearsal_train):
                 problems.append("--online-teacher reads the data itself: give --task-train and/or --rehearsal-train")
+            if self.eval_every:
+                problems.append("--eval-every scores the cache's held-out rows: train with --cache, or drop it")
         else:
             if not self.cache:
                 problems.append("cache: required (--cache), or train without one with --online-teacher")

@@ -2,7 +2,8 @@
 
     setup   verify the cache against the model, load the 4-bit base + LoRA, optimiser, schedule, streams
     fit     for each optimiser step: draw the mixed examples, forward/backward each micro-batch with the
-            loss normalised by the step's token counts, clip, step; log, checkpoint, stop on divergence
+            loss normalised by the step's token counts, clip, step; log, score the held-out rows
+            (--eval-every), checkpoint, stop on divergence
     finish  save OUT/adapter, OUT/run.yaml
 
 Loss per step (DESIGN.md section 5), means over the response tokens of the WHOLE step:
@@ -27,14 +28,16 @@ from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load
 from pipeline.config import TrainConfig, config_differences, to_dict
 from pipeline.data import draw_step, rehearsal_total
 from pipeline.errors import PipelineError
+from pipeline.evaluate import eval_rows, score_rows
 from pipeline.faults import crash_point
 from pipeline.fileio import atomic_write_text, fsync_dir, remove_tmp_files
 from pipeline.format import CachedRow
 from pipeline.losses import l2_penalty, response_losses
-from pipeline.metrics import MetricsLog, StepStats, peak_memory_mb, record, reset_peak_memory
+from pipeline.metrics import MetricsLog, StepStats, eval_record, peak_memory_mb, record, reset_peak_memory
 from pipeline.models import (
     attach_lora,
     base_of,
+    eval_mode,
     forward_hidden,
     load_model,
     open_model_source,
@@ -70,6 +73,9 @@ class Run:
     top_k: int = 0
     online: bool = False  # --online-teacher: targets computed at every step (online_targets)
     teacher: object | None = None  # a separate teacher model for online targets (benchmarks); None: adapter off
+    eval_task: list = field(default_factory=list)  # --eval-every: held-out task rows (rank 0 only)
+    eval_general: list = field(default_factory=list)  # --eval-every: held-out rehearsal rows (rank 0 only)
+    last_eval: dict | None = None  # the last eval line written
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,6 +173,9 @@ def setup(cfg: TrainConfig, log=print) -> Run:
                                 "--online-teacher) or pass --rehearsal-ratio 0")
         if cfg.rehearsal_ratio < 1 and n_task == 0:
             raise PipelineError(f"{rows.path}: no task training rows (--task-train)")
+        if cfg.eval_every and not (rows.count("task", "eval") or rows.count("rehearsal", "eval")):
+            raise PipelineError(f"{rows.path}: --eval-every scores held-out rows, and the cache has none; cache "
+                                "--task-eval and/or --rehearsal-eval data, or pass --eval-every 0")
         n = global_batch(cfg)
         if cfg.rehearsal_ratio > 0 and rehearsal_total(cfg.rehearsal_ratio, n, cfg.max_steps) == 0:
             raise PipelineError(f"rehearsal_ratio {cfg.rehearsal_ratio} of {n} examples per step over {cfg.max_steps} "
@@ -219,8 +228,14 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if ddp is not None:
         log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
             f"per step, {global_batch(cfg)} per step in all")
-    return Run(cfg, out, rows, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
-               precision, temperature, ddp=ddp, top_k=top_k, online=cache is None)
+    run = Run(cfg, out, rows, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
+              precision, temperature, ddp=ddp, top_k=top_k, online=cache is None)
+    if cfg.eval_every and distributed.is_main():
+        run.eval_task = eval_rows(cache, "task", cfg.eval_limit)
+        run.eval_general = eval_rows(cache, "rehearsal", cfg.eval_limit)
+        log(f"held-out scoring every {cfg.eval_every} steps: {len(run.eval_task)} task, {len(run.eval_general)} "
+            "general rows")
+    return run
 
 
 def global_batch(cfg: TrainConfig) -> int:
@@ -345,6 +360,32 @@ def optimizer_step(run: Run) -> float:
     return float(norm)
 
 
+def held_out_eval(run: Run, step: int) -> dict:
+    """The eval line of `step` (--eval-every): task CE and cached forgetting KL on the held-out rows, no generation.
+
+    [training eval note] The model is scored in eval mode (no LoRA dropout) under no grad, with evaluate's own
+    scoring function, then put back in train mode. The torch random state is saved before and restored after,
+    so an eval leaves the training's random stream (dropout masks) exactly where it was: a run with --eval-every
+    updates the adapter bit for bit as one without, and --resume stays exact. Rank 0 alone scores; the other
+    ranks wait for it at the next step's first all-reduce.
+    """
+    common = {"pad_id": run.tokenizer.pad_token_id, "batch_size": run.cfg.batch_size, "device": run.device,
+              "precision": run.precision, "temperature": run.temperature}
+    cuda = run.device.type == "cuda"
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
+    try:
+        with eval_mode(run.model):
+            task = score_rows(run.model, run.eval_task, with_kl=False, desc="eval task", **common) \
+                if run.eval_task else None
+            general = score_rows(run.model, run.eval_general, with_kl=True, desc="eval general", **common) \
+                if run.eval_general else None
+    finally:
+        torch.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state_all(rng[1])
+    return eval_record(step, task, general, len(run.eval_task), len(run.eval_general))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,6 +443,11 @@ def fit(run: Run, log=print) -> dict:
                 if metrics:
                     metrics.write(s.last)
                 s.window = StepStats()
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and main:
+                t_eval = time.perf_counter()
+                run.last_eval = held_out_eval(run, step)  # after the step's own line: the curve at `step`
+                s.eval_seconds += time.perf_counter() - t_eval
+                metrics.write(run.last_eval)
             crash_point("train_step")
             if step % cfg.save_every == 0 and step < cfg.max_steps:
                 save_checkpoint(run.out, s, run.model, run.optimizer, run.scheduler, streams_of(run),
@@ -461,6 +507,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "step0_kl": (s.step0 or {}).get("kl"),
         "step0_ce": (s.step0 or {}).get("ce"),
         "final": s.last,
+        "final_eval": run.last_eval,  # the held-out scores at the last step (--eval-every), else None
+        "eval_seconds": round(s.eval_seconds, 2),  # scoring the held-out rows, not in train_seconds
         "rehearsal_ratio": round(s.rehearsal_examples / max(s.examples, 1), 6),  # realised over the whole run
         "rehearsal_examples": s.rehearsal_examples,
         "examples": s.examples,

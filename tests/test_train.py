@@ -36,9 +36,14 @@ def tiny_cache(tmp_path_factory, tiny_model_dir) -> Path:
     general = write_jsonl(d / "general.jsonl", GENERAL_ROWS * 1 + [
         {"instruction": f"Count to {n}.", "output": " ".join(str(i) for i in range(1, n + 1))} for n in range(2, 8)])
     out = d / "cache"
-    task_eval = write_jsonl(d / "task_eval.jsonl", TASK_ROWS[:2])
+    task_eval = write_jsonl(d / "task_eval.jsonl", [{**r, "id": f"t{i}"} for i, r in enumerate(TASK_ROWS[:3])])
+    general_eval = write_jsonl(d / "general_eval.jsonl", [
+        {"id": "g2", "instruction": "Name a colour.", "output": "Blue, like the sky."},
+        {"id": "g0", "instruction": "Spell cat.", "output": "C, A, T."},
+        {"id": "g1", "instruction": "What is two plus two?", "output": "Two plus two is four."}])
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(out), task_train=str(task), rehearsal_train=str(general),
-                            task_eval=str(task_eval), top_k=8, max_length=256, shard_size=4), **QUIET)
+                            task_eval=str(task_eval), rehearsal_eval=str(general_eval), top_k=8, max_length=256,
+                            shard_size=4), **QUIET)
     return out
 
 
@@ -207,6 +212,8 @@ def test_ratio_without_rehearsal_rows_is_an_error(tiny_model_dir, tmp_path):
         setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o"), **QUIET)
     run = setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o2", rehearsal_ratio=0.0), **QUIET)
     assert run.rehearsal is None and micro_batches(run, 1)[0].n_rehearsal_examples == 0
+    with pytest.raises(PipelineError, match="--eval-every scores held-out rows, and the cache has none"):
+        setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o3", rehearsal_ratio=0.0, eval_every=2), **QUIET)
 
 
 def test_cache_from_other_model_and_bad_checksum_refused(tiny_model_dir, tiny_cache, tmp_path):
@@ -238,7 +245,8 @@ def test_refuses_non_empty_out(tiny_model_dir, tiny_cache, tmp_path):
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_model_dir, tiny_cache, tmp_path):
     args = ["--model", str(tiny_model_dir), "--cache", str(tiny_cache), "--max-steps", "8", "--batch-size", "4",
-            "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "2", "--save-every", "3", "--kd-lambda", "0.5"]
+            "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "2", "--save-every", "3", "--kd-lambda", "0.5",
+            "--eval-every", "2"]
     run = [sys.executable, "-m", "pipeline", "train", *args]
     ok = subprocess.run([*run, "--out", str(tmp_path / "full")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
@@ -262,7 +270,85 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_model_dir, tiny_cache, t
     full_metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     resumed_metrics = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in resumed_metrics] == [json.loads(x)["step"] for x in full_metrics]
-    assert json.loads(resumed_metrics[-1])["ce"] == pytest.approx(json.loads(full_metrics[-1])["ce"], abs=1e-6)
+    # The eval lines (steps 2, 4, 6, 8; the crashed run's step 4 was dropped and scored again) are the same.
+    evals = [json.loads(x) for x in full_metrics if json.loads(x).get("eval")]
+    assert [e["step"] for e in evals] == [2, 4, 6, 8]
+    assert [json.loads(x) for x in resumed_metrics if json.loads(x).get("eval")] == evals
+    assert json.loads(resumed_metrics[-2])["ce"] == pytest.approx(json.loads(full_metrics[-2])["ce"], abs=1e-6)
+
+
+def test_eval_every_writes_held_out_curves_without_touching_training(tiny_model_dir, tiny_cache, tmp_path):
+    """[training eval note] Eval lines every N steps and at the end, scored as evaluate scores, in eval mode; the
+    adapter is bit for bit that of a run without them (LoRA dropout on: the random stream is untouched)."""
+    from pipeline.evaluate import eval_rows, score_rows
+    from pipeline.models import load_for_inference, open_model_source
+
+    common = {"max_steps": 5, "kd_lambda": 0.5, "lora_dropout": 0.1, "save_every": 100, "log_every": 2}
+    with_eval = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "e", eval_every=2, eval_limit=2, **common),
+                      **QUIET)
+    train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "n", **common), **QUIET)
+    a = load_file(tmp_path / "e" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "n" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    lines = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(x) for x in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if m.get("eval")]
+    assert [m["step"] for m in evals] == [2, 4, 5]  # every 2 steps and at the end
+    assert all(m.keys() == {"step", "eval", "task_ce", "kl_topk", "task_rows", "general_rows"} for m in evals)
+    assert all((m["task_rows"], m["general_rows"]) == (2, 2) for m in evals)  # --eval-limit 2 of 3 each
+    assert [m["step"] for m in lines if not m.get("eval")] == [m["step"] for m in plain]
+    assert evals[-1] == with_eval["final_eval"]
+
+    # The last line equals evaluate's own scoring of the saved adapter on the first 2 rows by example id.
+    source = open_model_source(str(tiny_model_dir))
+    model, device, precision = load_for_inference(source, "cpu", "auto", str(tmp_path / "e" / "adapter"))
+    cache = open_cache(tiny_cache)
+    task_rows, general_rows = eval_rows(cache, "task", 2), eval_rows(cache, "rehearsal", 2)
+    assert sorted(r.example_id for r in task_rows) == ["t0", "t1"] and sorted(
+        r.example_id for r in general_rows) == ["g0", "g1"]
+    common = {"pad_id": source.tokenizer.pad_token_id, "batch_size": 4, "device": device, "precision": precision,
+              "temperature": cache.temperature, "desc": "test"}
+    task = score_rows(model, task_rows, with_kl=False, **common)
+    general = score_rows(model, general_rows, with_kl=True, **common)
+    assert evals[-1]["task_ce"] == pytest.approx(task["ce"], abs=1e-5)
+    assert evals[-1]["kl_topk"] == pytest.approx(general["kl"], abs=1e-6) and general["kl"] > 1e-6
+
+
+def test_held_out_eval_leaves_the_model_training(tiny_model_dir, tiny_cache, tmp_path):
+    from pipeline.train import held_out_eval
+
+    run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", eval_every=1), **QUIET)
+    before = torch.get_rng_state()
+    line = held_out_eval(run, 7)
+    assert run.model.training and torch.equal(torch.get_rng_state(), before)
+    assert line["step"] == 7 and line["eval"] is True and (line["task_rows"], line["general_rows"]) == (3, 3)
+    assert line["kl_topk"] < 1e-5  # the untrained student is the teacher
+
+
+def test_sweep_sets_eval_every_unless_given(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
+    import pipeline.sweep
+    from pipeline.config import EvalConfig, SweepConfig
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_train(cfg, **kw):
+        seen.append(cfg.eval_every)
+        raise Stop
+
+    monkeypatch.setattr(pipeline.sweep, "evaluate", lambda *a, **kw: {})
+    monkeypatch.setattr(pipeline.sweep, "train", fake_train)
+    eval_cfg = EvalConfig(model=str(tiny_model_dir), cache=str(tiny_cache))
+    for fixed, grid, want in (({"max_steps": 20}, [], 2), ({"max_steps": 7}, [], 1),
+                              ({"max_steps": 20, "eval_every": 5}, [], 5), ({"max_steps": 20}, ["eval_every=0"], 0)):
+        cfg = SweepConfig(model=str(tiny_model_dir), cache=str(tiny_cache), out=str(tmp_path / f"s{len(seen)}"),
+                          lambdas=[0.5], grid=grid)
+        with pytest.raises(Stop):
+            pipeline.sweep.sweep(cfg, fixed, eval_cfg, command="test", **QUIET)
+        assert seen[-1] == want, (fixed, grid)
 
 
 def test_adapter_reloads_with_peft_and_gives_same_logits(tiny_model_dir, tiny_cache, tmp_path):
@@ -404,6 +490,8 @@ def test_online_teacher_flags_checked():
         load_config(TrainConfig, None, {"out": "o", "online_teacher": True})
     with pytest.raises(ConfigError, match="drop --cache"):
         load_config(TrainConfig, None, {"out": "o", "online_teacher": True, "cache": "c", "task_train": "t"})
+    with pytest.raises(ConfigError, match="--eval-every scores the cache's held-out rows"):
+        load_config(TrainConfig, None, {"out": "o", "online_teacher": True, "task_train": "t", "eval_every": 5})
 
 
 def test_rand_dropout_matches_dropout_in_distribution():
