@@ -101,6 +101,11 @@ class TrainConfig(CommonConfig):
                   choices=("forward", "reverse", "topk_renorm"))
     rehearsal_ratio: float = opt(0.3, "Share of rehearsal (general) examples in every optimiser step.", min=0, max=1)
     l2: float = opt(0.0, "mu: weight of the L2 penalty on the LoRA parameters.", min=0)
+    max_forgetting: float | None = opt(None, "Forgetting budget EPS: the mean per-token KL(base || student) on the "
+                                       "rehearsal tokens of the training steps may be at most this. kd_lambda then "
+                                       "only starts a multiplier that training raises while the running KL is over "
+                                       "EPS and lowers while it is under (dual ascent; README). Off: lambda is fixed.",
+                                       positive=True)
     lora_r: int = opt(8, "LoRA rank.", positive=True)
     lora_alpha: float = opt(16, "LoRA alpha (scale = alpha / r).", positive=True)
     lora_dropout: float = opt(0.05, "LoRA dropout.", min=0, max=1)
@@ -137,6 +142,9 @@ class TrainConfig(CommonConfig):
         problems = []
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite exclude each other")
+        if self.max_forgetting is not None and self.rehearsal_ratio == 0:
+            problems.append("max_forgetting: the budget is measured on the rehearsal examples of each step, but "
+                            "rehearsal_ratio is 0; give --rehearsal-ratio > 0 or drop --max-forgetting")
         if self.kd_on == "rehearsal" and self.rehearsal_ratio == 0:
             problems.append("kd_on: rehearsal puts the KL on rehearsal examples only, but rehearsal_ratio is 0: no "
                             "step would have any; give --rehearsal-ratio > 0 or --kd-on all")

@@ -8,6 +8,7 @@
 
 Loss per step (DESIGN.md section 5), means over the response tokens of the WHOLE step:
     CE + kd_lambda * T^2 * KL  (+ l2 * sum ||LoRA||^2)
+With --max-forgetting, kd_lambda is a Lagrange multiplier updated after every step ([forgetting budget note]).
 """
 
 from __future__ import annotations
@@ -167,6 +168,10 @@ def setup(cfg: TrainConfig, log=print) -> Run:
             rows.check_compatible(model_fingerprint=fingerprint, tokenizer_fingerprint=source.tokenizer_fingerprint,
                                   max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
         n_task, n_reh = rows.count("task", "train"), rows.count("rehearsal", "train")
+        if cfg.max_forgetting is not None and n_reh == 0:
+            raise PipelineError(f"{rows.path}: --max-forgetting is measured on rehearsal examples, and there are no "
+                                "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
+                                "--online-teacher) or drop --max-forgetting")
         if cfg.rehearsal_ratio > 0 and n_reh == 0:
             raise PipelineError(f"{rows.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but there are no "
                                 "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
@@ -297,6 +302,10 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
     backward of the last micro-batch (no_sync before it). The L2 penalty is back-propagated on every rank
     outside DDP (no all-reduce): each rank adds the same gradient, once.
 
+    With --max-forgetting the KL weight is the multiplier in run.state (kd_lambda_of) and the step also measures
+    the constraint: the forward KL per rehearsal token (`kl_rehearsal`). With kd_on: rehearsal and kl: forward
+    that is the KD term itself; otherwise it is computed again, without grad, on the rehearsal tokens alone.
+
     Args:
         measure_kl: compute the KL for logging even when kd_lambda is 0 (no gradient flows through it then).
 
@@ -304,13 +313,17 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         The step's loss terms and counts over all ranks (the same on every rank).
     """
     cfg, head = run.cfg, run.head
-    kd = cfg.kd_lambda > 0
-    n_tokens, n_kd = (int(n) for n in distributed.all_reduce_sum([
+    budget = cfg.max_forgetting is not None
+    lam = kd_lambda_of(run)
+    kd = lam > 0 or budget  # with a budget the KD term stays in the graph while the multiplier is 0
+    reuse = cfg.kd_on == "rehearsal" and cfg.kl == "forward"  # the KD term is then the constraint's KL
+    n_tokens, n_kd, n_reh_tokens = (int(n) for n in distributed.all_reduce_sum([
         sum(b.n_tokens for b in batches),
-        sum(b.n_tokens if cfg.kd_on == "all" else int(b.is_rehearsal.sum()) for b in batches)]))
+        sum(b.n_tokens if cfg.kd_on == "all" else int(b.is_rehearsal.sum()) for b in batches),
+        sum(int(b.is_rehearsal.sum()) for b in batches)]))
     world = distributed.world_size()
-    ce_sum = kl_sum = 0.0
-    kd_weight = cfg.kd_lambda * run.temperature**2
+    ce_sum = kl_sum = kl_reh_sum = 0.0
+    kd_weight = lam * run.temperature**2
     for i, batch in enumerate(batches):
         batch = batch.to(run.device)
         if run.online and (kd or measure_kl):
@@ -336,9 +349,18 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         elif measure_kl:  # lambda = 0: the KL is only watched, never part of the loss
             with torch.no_grad():
                 kl_sum += response_losses(h.detach(), head.weight, labels, **common, **teacher).kl.item()
-    ce_sum, kl_sum, n_all, n_examples, n_rehearsal = distributed.all_reduce_sum([
-        ce_sum, kl_sum, sum(int(b.attention_mask.sum()) for b in batches), sum(b.input_ids.shape[0] for b in batches),
-        sum(b.n_rehearsal_examples for b in batches)])
+        if budget and reuse:
+            kl_reh_sum += sums.kl.item()
+        elif budget and batch.is_rehearsal.any():  # the constraint, watched: forward KL on rehearsal tokens only
+            m = batch.is_rehearsal
+            with torch.no_grad():
+                kl_reh_sum += response_losses(h.detach()[m], head.weight, labels[m], **common,
+                                              teacher_ids=batch.teacher_ids[m],
+                                              teacher_logprobs=batch.teacher_logprobs[m],
+                                              temperature=run.temperature, kl="forward").kl.item()
+    ce_sum, kl_sum, kl_reh_sum, n_all, n_examples, n_rehearsal = distributed.all_reduce_sum([
+        ce_sum, kl_sum, kl_reh_sum, sum(int(b.attention_mask.sum()) for b in batches),
+        sum(b.input_ids.shape[0] for b in batches), sum(b.n_rehearsal_examples for b in batches)])
     ce = ce_sum / max(n_tokens, 1)
     kl = kl_sum / max(n_kd, 1) if (kd or measure_kl) else None
     l2 = 0.0
@@ -348,7 +370,40 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         l2 = penalty.item()
     loss = ce + (kd_weight * kl if kd and kl is not None else 0.0) + l2
     return {"loss": loss, "ce": ce, "kl": kl, "l2": l2, "response_tokens": n_tokens, "tokens": int(n_all),
-            "examples": int(n_examples), "rehearsal_examples": int(n_rehearsal)}
+            "examples": int(n_examples), "rehearsal_examples": int(n_rehearsal),
+            "kl_rehearsal": kl_reh_sum / n_reh_tokens if budget and n_reh_tokens else None}
+
+
+# [forgetting budget note] --max-forgetting EPS turns kd_lambda into a Lagrange multiplier of the constraint
+# "KL(base || student) per rehearsal token <= EPS". After each step, with kl the step's forward KL on its
+# rehearsal tokens (from the cached targets, so it costs no teacher pass):
+#     kl_avg <- kl                                   at the first measured step
+#     kl_avg <- BUDGET_EMA * kl_avg + (1 - BUDGET_EMA) * kl     after it
+#     lambda <- max(0, lambda + BUDGET_STEP * (kl_avg - EPS) / EPS)
+# The violation is relative to EPS, so one step size serves budgets of any scale (0.001 or 0.1 nats): while the
+# running KL is twice the budget lambda rises by BUDGET_STEP per step, and under it falls by at most that, so
+# the multiplier falls no faster than it rises and a budget is kept rather than bargained over. 0.2 moves
+# lambda by a few units over the tens of steps of the demo, the range over which fixed lambdas change its
+# forgetting (0 to 1 cut the held-out KL 3x), without swinging it step by step. The running average (about the
+# last 5 steps) smooths the KL of the 2-3 rehearsal examples a step holds. A step without rehearsal tokens
+# measures nothing and leaves both unchanged.
+BUDGET_STEP = 0.2
+BUDGET_EMA = 0.8
+
+
+def dual_ascent(lam: float, kl_avg: float | None, kl: float | None, budget: float) -> tuple[float, float | None]:
+    """One update of the forgetting budget's multiplier ([forgetting budget note]); returns (lambda, kl_avg)."""
+    if kl is None:
+        return lam, kl_avg
+    kl_avg = kl if kl_avg is None else BUDGET_EMA * kl_avg + (1 - BUDGET_EMA) * kl
+    return max(0.0, lam + BUDGET_STEP * (kl_avg - budget) / budget), kl_avg
+
+
+def kd_lambda_of(run: Run) -> float:
+    """The KL weight of the next step: cfg.kd_lambda, or with --max-forgetting the multiplier (which starts there)."""
+    if run.cfg.max_forgetting is None:
+        return run.cfg.kd_lambda
+    return run.cfg.kd_lambda if run.state.kd_lambda is None else run.state.kd_lambda
 
 
 def optimizer_step(run: Run) -> float:
@@ -427,6 +482,9 @@ def fit(run: Run, log=print) -> dict:
                     f"{latest_checkpoint(run.out) or 'none'}; lower --lr"))
             s.best_avg = min(s.best_avg, s.avg)
             grad_norm = optimizer_step(run)
+            lam = kd_lambda_of(run)  # the weight this step trained with
+            if cfg.max_forgetting is not None:
+                s.kd_lambda, s.kl_avg = dual_ascent(lam, s.kl_avg, out["kl_rehearsal"], cfg.max_forgetting)
             s.step = step
             dt = time.perf_counter() - t0
             s.window.add(out, dt)
@@ -440,6 +498,8 @@ def fit(run: Run, log=print) -> dict:
                                 + f" {out['tokens'] / dt:.0f} tok/s", refresh=False)
             if log_now:
                 s.last = record(step, s.window, run.scheduler.get_last_lr()[0], grad_norm)
+                if cfg.max_forgetting is not None:  # this step's multiplier, and the running KL it led to
+                    s.last.update({"lambda": lam, "constraint": s.kl_avg})
                 if metrics:
                     metrics.write(s.last)
                 s.window = StepStats()
@@ -509,6 +569,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "final": s.last,
         "final_eval": run.last_eval,  # the held-out scores at the last step (--eval-every), else None
         "eval_seconds": round(s.eval_seconds, 2),  # scoring the held-out rows, not in train_seconds
+        **({"max_forgetting": cfg.max_forgetting, "final_lambda": s.kd_lambda, "final_constraint": s.kl_avg}
+           if cfg.max_forgetting is not None else {}),
         "rehearsal_ratio": round(s.rehearsal_examples / max(s.examples, 1), 6),  # realised over the whole run
         "rehearsal_examples": s.rehearsal_examples,
         "examples": s.examples,
