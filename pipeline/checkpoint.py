@@ -49,6 +49,11 @@ class TrainState:
     window: StepStats = field(default_factory=StepStats)  # sums since the last metrics line
     best_avg: float = math.inf  # lowest running average of the loss (divergence check)
     avg: float | None = None  # running average of the loss
+    examples: int = 0  # examples drawn so far, over all processes
+    rehearsal_examples: int = 0  # of which rehearsal examples: the realised rehearsal ratio of the run
+    eval_seconds: float = 0.0  # time spent scoring held-out rows (--eval-every), not in `seconds`
+    kd_lambda: float | None = None  # --max-forgetting: the multiplier for the next step (None: not started)
+    kl_avg: float | None = None  # --max-forgetting: running average of the rehearsal tokens' KL per step
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:

@@ -121,6 +121,11 @@ class TrainConfig(CommonConfig):
                   choices=("forward", "reverse", "topk_renorm"))
     rehearsal_ratio: float = opt(0.3, "Share of rehearsal (general) examples in every optimiser step.", min=0, max=1)
     l2: float = opt(0.0, "mu: weight of the L2 penalty on the LoRA parameters.", min=0)
+    max_forgetting: float | None = opt(None, "Forgetting budget EPS: the mean per-token KL(base || student) on the "
+                                       "rehearsal tokens of the training steps may be at most this. kd_lambda then "
+                                       "only starts a multiplier that training raises while the running KL is over "
+                                       "EPS and lowers while it is under (dual ascent; README). Off: lambda is fixed.",
+                                       positive=True)
     lora_r: int = opt(8, "LoRA rank.", positive=True)
     lora_alpha: float = opt(16, "LoRA alpha (scale = alpha / r).", positive=True)
     lora_dropout: float = opt(0.05, "LoRA dropout.", min=0, max=1)
@@ -138,6 +143,11 @@ class TrainConfig(CommonConfig):
     divergence_factor: float = opt(4.0, "Stop when the loss exceeds this multiple of its best running average.",
                                    min=1)
     log_every: int = opt(10, "Write a line to metrics.jsonl every N steps.", positive=True)
+    eval_every: int = opt(0, "Every N steps and at the end, score the cache's held-out rows (task CE, and the cached "
+                          "k+1-bucket forgetting KL; no generation) as an eval line in metrics.jsonl: the training "
+                          "curves. 0 = off.", min=0)
+    eval_limit: int = opt(64, "With --eval-every: at most this many held-out rows of each kind (the first by example "
+                          "id, as evaluate --limit).", positive=True)
     save_every: int = opt(50, "Write a resumable checkpoint every N steps.", positive=True)
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", positive=True)
     temperature: float | None = opt(None, "Distillation temperature; must equal the cache's (default: the cache's; "
@@ -152,11 +162,19 @@ class TrainConfig(CommonConfig):
         problems = column_problems(self.columns)
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite exclude each other")
+        if self.max_forgetting is not None and self.rehearsal_ratio == 0:
+            problems.append("max_forgetting: the budget is measured on the rehearsal examples of each step, but "
+                            "rehearsal_ratio is 0; give --rehearsal-ratio > 0 or drop --max-forgetting")
+        if self.kd_on == "rehearsal" and self.rehearsal_ratio == 0:
+            problems.append("kd_on: rehearsal puts the KL on rehearsal examples only, but rehearsal_ratio is 0: no "
+                            "step would have any; give --rehearsal-ratio > 0 or --kd-on all")
         if self.online_teacher:
             if self.cache:
                 problems.append("--online-teacher trains without a cache: drop --cache (or --online-teacher)")
             if not (self.task_train or self.rehearsal_train):
                 problems.append("--online-teacher reads the data itself: give --task-train and/or --rehearsal-train")
+            if self.eval_every:
+                problems.append("--eval-every scores the cache's held-out rows: train with --cache, or drop it")
         else:
             if not self.cache:
                 problems.append("cache: required (--cache), or train without one with --online-teacher")

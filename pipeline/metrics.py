@@ -3,6 +3,9 @@ peak memory.
 
 A line holds step, loss, ce, kl, l2, lr, grad_norm, tokens_per_s and the realised rehearsal_ratio, each the mean
 over the steps since the previous line; the line with step 0 is the student before any update (KL ~0).
+
+With `train --eval-every N`, every N steps and at the end an eval line follows the step's line (eval_record):
+{"step", "eval": true, "task_ce", "kl_topk", "task_rows", "general_rows"}, scored on the cache's held-out rows.
 """
 
 from __future__ import annotations
@@ -87,6 +90,19 @@ def record(step: int, stats: StepStats, lr: float, grad_norm: float | None) -> d
         "tokens_per_s": round(stats.tokens / max(stats.seconds, 1e-9), 1),
         "rehearsal_ratio": round(stats.rehearsal_examples / max(stats.examples, 1), 4),
     }
+
+
+def eval_record(step: int, task: dict | None, general: dict | None, task_rows: int, general_rows: int) -> dict:
+    """The eval line of a step: evaluate.score_rows results on the held-out task and general (rehearsal) rows.
+
+    task_ce is the mean per-token CE on the task rows; kl_topk the mean per-token KL(base || student) over the
+    cached k+1 buckets on the general rows (a lower bound of the full-vocabulary KL that evaluate reports).
+    A part without held-out rows gives None.
+    """
+    return {"step": step, "eval": True,
+            "task_ce": None if task is None else round(task["ce"], 6),
+            "kl_topk": None if general is None else round(general["kl"], 8),
+            "task_rows": task_rows, "general_rows": general_rows}
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -143,6 +143,8 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
                                                         "cache": str(cache.path), "out": str(run_dir)})
         except ConfigError as e:
             raise ConfigError([f"run {run.name}: {p}" for p in e.problems]) from None
+        if "eval_every" not in {**fixed_train, **run.overrides}:  # training curves, unless the user chose
+            train_cfg = dataclasses.replace(train_cfg, eval_every=max(1, train_cfg.max_steps // 8))
         eval_path = run_dir / "eval.json"
         done = _finished(run_dir, train_cfg)
         report = _eval_current(eval_path, eval_cfg) if done else None

@@ -2,11 +2,13 @@
 
     setup   verify the cache against the model, load the 4-bit base + LoRA, optimiser, schedule, streams
     fit     for each optimiser step: draw the mixed examples, forward/backward each micro-batch with the
-            loss normalised by the step's token counts, clip, step; log, checkpoint, stop on divergence
+            loss normalised by the step's token counts, clip, step; log, score the held-out rows
+            (--eval-every), checkpoint, stop on divergence
     finish  save OUT/adapter, OUT/run.yaml
 
 Loss per step (DESIGN.md section 5), means over the response tokens of the WHOLE step:
     CE + kd_lambda * T^2 * KL  (+ l2 * sum ||LoRA||^2)
+With --max-forgetting, kd_lambda is a Lagrange multiplier updated after every step ([forgetting budget note]).
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ import yaml
 from pipeline import __version__, distributed
 from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig, config_differences, to_dict
-from pipeline.data import draw_step
+from pipeline.data import draw_step, rehearsal_total
 from pipeline.errors import PipelineError
+from pipeline.evaluate import eval_rows, score_rows
 from pipeline.faults import crash_point
 from pipeline.fileio import atomic_write_text, fsync_dir, remove_tmp_files
 from pipeline.format import CachedRow
 from pipeline.losses import l2_penalty, response_losses
-from pipeline.metrics import MetricsLog, StepStats, peak_memory_mb, record, reset_peak_memory
+from pipeline.metrics import MetricsLog, StepStats, eval_record, peak_memory_mb, record, reset_peak_memory
 from pipeline.models import (
     attach_lora,
     base_of,
+    eval_mode,
     forward_hidden,
     load_model,
     open_model_source,
@@ -70,6 +74,9 @@ class Run:
     top_k: int = 0
     online: bool = False  # --online-teacher: targets computed at every step (online_targets)
     teacher: object | None = None  # a separate teacher model for online targets (benchmarks); None: adapter off
+    eval_task: list = field(default_factory=list)  # --eval-every: held-out task rows (rank 0 only)
+    eval_general: list = field(default_factory=list)  # --eval-every: held-out rehearsal rows (rank 0 only)
+    last_eval: dict | None = None  # the last eval line written
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,12 +169,24 @@ def setup(cfg: TrainConfig, log=print) -> Run:
             rows.check_compatible(model_fingerprint=fingerprint, tokenizer_fingerprint=source.tokenizer_fingerprint,
                                   max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
         n_task, n_reh = rows.count("task", "train"), rows.count("rehearsal", "train")
+        if cfg.max_forgetting is not None and n_reh == 0:
+            raise PipelineError(f"{rows.path}: --max-forgetting is measured on rehearsal examples, and there are no "
+                                "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
+                                "--online-teacher) or drop --max-forgetting")
         if cfg.rehearsal_ratio > 0 and n_reh == 0:
             raise PipelineError(f"{rows.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but there are no "
                                 "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
                                 "--online-teacher) or pass --rehearsal-ratio 0")
         if cfg.rehearsal_ratio < 1 and n_task == 0:
             raise PipelineError(f"{rows.path}: no task training rows (--task-train)")
+        if cfg.eval_every and not (rows.count("task", "eval") or rows.count("rehearsal", "eval")):
+            raise PipelineError(f"{rows.path}: --eval-every scores held-out rows, and the cache has none; cache "
+                                "--task-eval and/or --rehearsal-eval data, or pass --eval-every 0")
+        n = global_batch(cfg)
+        if cfg.rehearsal_ratio > 0 and rehearsal_total(cfg.rehearsal_ratio, n, cfg.max_steps) == 0:
+            raise PipelineError(f"rehearsal_ratio {cfg.rehearsal_ratio} of {n} examples per step over {cfg.max_steps} "
+                                "steps rounds to no rehearsal example at all; raise --rehearsal-ratio, the batch or "
+                                "--max-steps, or pass --rehearsal-ratio 0")
         device = distributed.place(resolve_device(cfg.device))
         return tokenizer, rows, n_reh, device, resolve_precision(cfg.precision, device)
 
@@ -215,8 +234,14 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if ddp is not None:
         log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
             f"per step, {global_batch(cfg)} per step in all")
-    return Run(cfg, out, rows, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
-               precision, temperature, ddp=ddp, top_k=top_k, online=cache is None)
+    run = Run(cfg, out, rows, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
+              precision, temperature, ddp=ddp, top_k=top_k, online=cache is None)
+    if cfg.eval_every and distributed.is_main():
+        run.eval_task = eval_rows(cache, "task", cfg.eval_limit)
+        run.eval_general = eval_rows(cache, "rehearsal", cfg.eval_limit)
+        log(f"held-out scoring every {cfg.eval_every} steps: {len(run.eval_task)} task, {len(run.eval_general)} "
+            "general rows")
+    return run
 
 
 def global_batch(cfg: TrainConfig) -> int:
@@ -278,6 +303,10 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
     backward of the last micro-batch (no_sync before it). The L2 penalty is back-propagated on every rank
     outside DDP (no all-reduce): each rank adds the same gradient, once.
 
+    With --max-forgetting the KL weight is the multiplier in run.state (kd_lambda_of) and the step also measures
+    the constraint: the forward KL per rehearsal token (`kl_rehearsal`). With kd_on: rehearsal and kl: forward
+    that is the KD term itself; otherwise it is computed again, without grad, on the rehearsal tokens alone.
+
     Args:
         measure_kl: compute the KL for logging even when kd_lambda is 0 (no gradient flows through it then).
 
@@ -285,13 +314,17 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         The step's loss terms and counts over all ranks (the same on every rank).
     """
     cfg, head = run.cfg, run.head
-    kd = cfg.kd_lambda > 0
-    n_tokens, n_kd = (int(n) for n in distributed.all_reduce_sum([
+    budget = cfg.max_forgetting is not None
+    lam = kd_lambda_of(run)
+    kd = lam > 0 or budget  # with a budget the KD term stays in the graph while the multiplier is 0
+    reuse = cfg.kd_on == "rehearsal" and cfg.kl == "forward"  # the KD term is then the constraint's KL
+    n_tokens, n_kd, n_reh_tokens = (int(n) for n in distributed.all_reduce_sum([
         sum(b.n_tokens for b in batches),
-        sum(b.n_tokens if cfg.kd_on == "all" else int(b.is_rehearsal.sum()) for b in batches)]))
+        sum(b.n_tokens if cfg.kd_on == "all" else int(b.is_rehearsal.sum()) for b in batches),
+        sum(int(b.is_rehearsal.sum()) for b in batches)]))
     world = distributed.world_size()
-    ce_sum = kl_sum = 0.0
-    kd_weight = cfg.kd_lambda * run.temperature**2
+    ce_sum = kl_sum = kl_reh_sum = 0.0
+    kd_weight = lam * run.temperature**2
     for i, batch in enumerate(batches):
         batch = batch.to(run.device)
         if run.online and (kd or measure_kl):
@@ -317,9 +350,18 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         elif measure_kl:  # lambda = 0: the KL is only watched, never part of the loss
             with torch.no_grad():
                 kl_sum += response_losses(h.detach(), head.weight, labels, **common, **teacher).kl.item()
-    ce_sum, kl_sum, n_all, n_examples, n_rehearsal = distributed.all_reduce_sum([
-        ce_sum, kl_sum, sum(int(b.attention_mask.sum()) for b in batches), sum(b.input_ids.shape[0] for b in batches),
-        sum(b.n_rehearsal_examples for b in batches)])
+        if budget and reuse:
+            kl_reh_sum += sums.kl.item()
+        elif budget and batch.is_rehearsal.any():  # the constraint, watched: forward KL on rehearsal tokens only
+            m = batch.is_rehearsal
+            with torch.no_grad():
+                kl_reh_sum += response_losses(h.detach()[m], head.weight, labels[m], **common,
+                                              teacher_ids=batch.teacher_ids[m],
+                                              teacher_logprobs=batch.teacher_logprobs[m],
+                                              temperature=run.temperature, kl="forward").kl.item()
+    ce_sum, kl_sum, kl_reh_sum, n_all, n_examples, n_rehearsal = distributed.all_reduce_sum([
+        ce_sum, kl_sum, kl_reh_sum, sum(int(b.attention_mask.sum()) for b in batches),
+        sum(b.input_ids.shape[0] for b in batches), sum(b.n_rehearsal_examples for b in batches)])
     ce = ce_sum / max(n_tokens, 1)
     kl = kl_sum / max(n_kd, 1) if (kd or measure_kl) else None
     l2 = 0.0
@@ -329,7 +371,40 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         l2 = penalty.item()
     loss = ce + (kd_weight * kl if kd and kl is not None else 0.0) + l2
     return {"loss": loss, "ce": ce, "kl": kl, "l2": l2, "response_tokens": n_tokens, "tokens": int(n_all),
-            "examples": int(n_examples), "rehearsal_examples": int(n_rehearsal)}
+            "examples": int(n_examples), "rehearsal_examples": int(n_rehearsal),
+            "kl_rehearsal": kl_reh_sum / n_reh_tokens if budget and n_reh_tokens else None}
+
+
+# [forgetting budget note] --max-forgetting EPS turns kd_lambda into a Lagrange multiplier of the constraint
+# "KL(base || student) per rehearsal token <= EPS". After each step, with kl the step's forward KL on its
+# rehearsal tokens (from the cached targets, so it costs no teacher pass):
+#     kl_avg <- kl                                   at the first measured step
+#     kl_avg <- BUDGET_EMA * kl_avg + (1 - BUDGET_EMA) * kl     after it
+#     lambda <- max(0, lambda + BUDGET_STEP * (kl_avg - EPS) / EPS)
+# The violation is relative to EPS, so one step size serves budgets of any scale (0.001 or 0.1 nats): while the
+# running KL is twice the budget lambda rises by BUDGET_STEP per step, and under it falls by at most that, so
+# the multiplier falls no faster than it rises and a budget is kept rather than bargained over. 0.2 moves
+# lambda by a few units over the tens of steps of the demo, the range over which fixed lambdas change its
+# forgetting (0 to 1 cut the held-out KL 3x), without swinging it step by step. The running average (about the
+# last 5 steps) smooths the KL of the 2-3 rehearsal examples a step holds. A step without rehearsal tokens
+# measures nothing and leaves both unchanged.
+BUDGET_STEP = 0.2
+BUDGET_EMA = 0.8
+
+
+def dual_ascent(lam: float, kl_avg: float | None, kl: float | None, budget: float) -> tuple[float, float | None]:
+    """One update of the forgetting budget's multiplier ([forgetting budget note]); returns (lambda, kl_avg)."""
+    if kl is None:
+        return lam, kl_avg
+    kl_avg = kl if kl_avg is None else BUDGET_EMA * kl_avg + (1 - BUDGET_EMA) * kl
+    return max(0.0, lam + BUDGET_STEP * (kl_avg - budget) / budget), kl_avg
+
+
+def kd_lambda_of(run: Run) -> float:
+    """The KL weight of the next step: cfg.kd_lambda, or with --max-forgetting the multiplier (which starts there)."""
+    if run.cfg.max_forgetting is None:
+        return run.cfg.kd_lambda
+    return run.cfg.kd_lambda if run.state.kd_lambda is None else run.state.kd_lambda
 
 
 def optimizer_step(run: Run) -> float:
@@ -339,6 +414,32 @@ def optimizer_step(run: Run) -> float:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+def held_out_eval(run: Run, step: int) -> dict:
+    """The eval line of `step` (--eval-every): task CE and cached forgetting KL on the held-out rows, no generation.
+
+    [training eval note] The model is scored in eval mode (no LoRA dropout) under no grad, with evaluate's own
+    scoring function, then put back in train mode. The torch random state is saved before and restored after,
+    so an eval leaves the training's random stream (dropout masks) exactly where it was: a run with --eval-every
+    updates the adapter bit for bit as one without, and --resume stays exact. Rank 0 alone scores; the other
+    ranks wait for it at the next step's first all-reduce.
+    """
+    common = {"pad_id": run.tokenizer.pad_token_id, "batch_size": run.cfg.batch_size, "device": run.device,
+              "precision": run.precision, "temperature": run.temperature}
+    cuda = run.device.type == "cuda"
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
+    try:
+        with eval_mode(run.model):
+            task = score_rows(run.model, run.eval_task, with_kl=False, desc="eval task", **common) \
+                if run.eval_task else None
+            general = score_rows(run.model, run.eval_general, with_kl=True, desc="eval general", **common) \
+                if run.eval_general else None
+    finally:
+        torch.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state_all(rng[1])
+    return eval_record(step, task, general, len(run.eval_task), len(run.eval_general))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,10 +483,15 @@ def fit(run: Run, log=print) -> dict:
                     f"{latest_checkpoint(run.out) or 'none'}; lower --lr"))
             s.best_avg = min(s.best_avg, s.avg)
             grad_norm = optimizer_step(run)
+            lam = kd_lambda_of(run)  # the weight this step trained with
+            if cfg.max_forgetting is not None:
+                s.kd_lambda, s.kl_avg = dual_ascent(lam, s.kl_avg, out["kl_rehearsal"], cfg.max_forgetting)
             s.step = step
             dt = time.perf_counter() - t0
             s.window.add(out, dt)
             s.tokens += out["tokens"]
+            s.examples += out["examples"]
+            s.rehearsal_examples += out["rehearsal_examples"]
             s.seconds += dt
             bar.update(1)
             bar.set_postfix_str(f"loss {out['loss']:.3f} ce {out['ce']:.3f}"
@@ -393,9 +499,16 @@ def fit(run: Run, log=print) -> dict:
                                 + f" {out['tokens'] / dt:.0f} tok/s", refresh=False)
             if log_now:
                 s.last = record(step, s.window, run.scheduler.get_last_lr()[0], grad_norm)
+                if cfg.max_forgetting is not None:  # this step's multiplier, and the running KL it led to
+                    s.last.update({"lambda": lam, "constraint": s.kl_avg})
                 if metrics:
                     metrics.write(s.last)
                 s.window = StepStats()
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and main:
+                t_eval = time.perf_counter()
+                run.last_eval = held_out_eval(run, step)  # after the step's own line: the curve at `step`
+                s.eval_seconds += time.perf_counter() - t_eval
+                metrics.write(run.last_eval)
             crash_point("train_step")
             if step % cfg.save_every == 0 and step < cfg.max_steps:
                 save_checkpoint(run.out, s, run.model, run.optimizer, run.scheduler, streams_of(run),
@@ -455,6 +568,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "step0_kl": (s.step0 or {}).get("kl"),
         "step0_ce": (s.step0 or {}).get("ce"),
         "final": s.last,
+        "final_eval": run.last_eval,  # the held-out scores at the last step (--eval-every), else None
+        "eval_seconds": round(s.eval_seconds, 2),  # scoring the held-out rows, not in train_seconds
+        **({"max_forgetting": cfg.max_forgetting, "final_lambda": s.kd_lambda, "final_constraint": s.kl_avg}
+           if cfg.max_forgetting is not None else {}),
+        "rehearsal_ratio": round(s.rehearsal_examples / max(s.examples, 1), 6),  # realised over the whole run
+        "rehearsal_examples": s.rehearsal_examples,
+        "examples": s.examples,
         "train_seconds": round(s.seconds, 2),
         "seconds_per_step": round(s.seconds / max(s.step, 1), 3),
         "tokens_per_s": round(s.tokens / max(s.seconds, 1e-9), 1),

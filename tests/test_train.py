@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from pipeline.cache import build_cache
 from pipeline.config import CacheConfig, TrainConfig
-from pipeline.data import rehearsal_count
+from pipeline.data import draw_step, rehearsal_count, rehearsal_total
 from pipeline.errors import PipelineError
-from pipeline.format import MANIFEST
+from pipeline.format import MANIFEST, CachedRow
 from pipeline.models import save_adapter
-from pipeline.reader import RowStream, open_cache
+from pipeline.reader import MemoryRows, RowStream, open_cache
 from pipeline.train import loss_step, micro_batches, optimizer_step, setup, train
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, build_tiny_model_dir, write_jsonl
 
@@ -36,9 +36,14 @@ def tiny_cache(tmp_path_factory, tiny_model_dir) -> Path:
     general = write_jsonl(d / "general.jsonl", GENERAL_ROWS * 1 + [
         {"instruction": f"Count to {n}.", "output": " ".join(str(i) for i in range(1, n + 1))} for n in range(2, 8)])
     out = d / "cache"
-    task_eval = write_jsonl(d / "task_eval.jsonl", TASK_ROWS[:2])
+    task_eval = write_jsonl(d / "task_eval.jsonl", [{**r, "id": f"t{i}"} for i, r in enumerate(TASK_ROWS[:3])])
+    general_eval = write_jsonl(d / "general_eval.jsonl", [
+        {"id": "g2", "instruction": "Name a colour.", "output": "Blue, like the sky."},
+        {"id": "g0", "instruction": "Spell cat.", "output": "C, A, T."},
+        {"id": "g1", "instruction": "What is two plus two?", "output": "Two plus two is four."}])
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(out), task_train=str(task), rehearsal_train=str(general),
-                            task_eval=str(task_eval), top_k=8, max_length=256, shard_size=4), **QUIET)
+                            task_eval=str(task_eval), rehearsal_eval=str(general_eval), top_k=8, max_length=256,
+                            shard_size=4), **QUIET)
     return out
 
 
@@ -78,14 +83,125 @@ def test_rehearsal_mixing_per_step(tiny_model_dir, tiny_cache, tmp_path):
     for ratio, n in ((0.3, 8), (0.5, 4), (0.0, 4), (1.0, 4)):
         run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / f"m{ratio}", rehearsal_ratio=ratio, batch_size=n),
                     **QUIET)
+        counts = []
         for step in range(1, 5):
             (batch,) = micro_batches(run, step)
-            assert batch.n_rehearsal_examples == rehearsal_count(ratio, n) == round(ratio * n + 1e-9)
+            assert batch.n_rehearsal_examples == rehearsal_count(ratio, n, step)
+            counts.append(batch.n_rehearsal_examples)
+        assert sum(counts) == round(ratio * n * 4 + 1e-9)
     # Streams cycle endlessly, each epoch a new permutation, each row exactly once per epoch.
     stream = RowStream(cache, "task", "train", seed=0, window=1)
     first = [r.example_id for r in stream.take(stream.size)]
     second = [r.example_id for r in stream.take(stream.size)]
     assert sorted(first) == sorted(second) and len(set(first)) == stream.size and first != second
+
+
+class _Stream:
+    """A stand-in for reader.RowStream: an endless numbered stream of one role."""
+
+    def __init__(self, role: str):
+        self.role, self.pos = role, 0
+
+    def take(self, n: int) -> list[tuple[str, int]]:
+        self.pos += n
+        return [(self.role, i) for i in range(self.pos - n, self.pos)]
+
+
+def test_rehearsal_ratio_is_exact_over_the_run_and_within_a_row_per_step():
+    """DESIGN.md section 6: step s takes round(r n s) - round(r n (s-1)) rehearsal rows."""
+    # Hand-computed: 2.4 s rounded = 2, 5, 7, 10, 12, 14, 17, 19, 22, 24.
+    assert [rehearsal_count(0.3, 8, s) for s in range(1, 11)] == [2, 3, 2, 3, 2, 2, 3, 2, 3, 2]
+    assert rehearsal_count(0.3, 5, 1) == 2  # 1.5: a half rounds up
+    # [exact ratio note] 0.3 * 9 * 5 is 13.5 exactly, 13.499999999999998 in floats: the exact half still rounds up.
+    assert rehearsal_total(0.3, 9, 5) == 14 and rehearsal_total(0.3, 9, 4) == 11
+    for batch in range(1, 17):
+        for accum in (1, 2):
+            for procs in (1, 2, 3):
+                n = batch * accum * procs
+                for ratio in (0.1, 0.3, 0.5):
+                    task, rehearsal = _Stream("task"), _Stream("rehearsal")
+                    total = 0
+                    for step in range(1, 101):
+                        rows = draw_step(task, rehearsal, n, ratio, seed=0, step=step)
+                        k = sum(role == "rehearsal" for role, _ in rows)
+                        assert len(rows) == n and abs(k - ratio * n) < 1, (batch, accum, procs, ratio, step)
+                        total += k
+                    assert abs(total - ratio * n * 100) <= 0.5, (batch, accum, procs, ratio)
+                    assert total == rehearsal.pos and n * 100 - total == task.pos
+
+
+def _memory_rows() -> MemoryRows:
+    def row(i: int, role: str) -> CachedRow:
+        return CachedRow(f"{role}-{i:03d}", role, "train", np.arange(4), np.array([0, 0, 1, 1], bool),
+                         np.zeros((2, 1), np.int64), np.zeros((2, 1), np.float32))
+    return MemoryRows([row(i, "task") for i in range(37)] + [row(i, "rehearsal") for i in range(11)], group_size=5)
+
+
+def _draw_ids(steps: range, state: dict | None) -> tuple[list[list[str]], dict]:
+    """The example ids of `steps` drawn from fresh streams (at `state`, if given); and the streams' state after."""
+    rows = _memory_rows()
+    task, reh = RowStream(rows, "task", "train", seed=3), RowStream(rows, "rehearsal", "train", seed=3)
+    if state:
+        task.load_state_dict(state["task"])
+        reh.load_state_dict(state["rehearsal"])
+    ids = [[r.example_id for r in draw_step(task, reh, 7, 0.3, seed=3, step=s)] for s in steps]
+    return ids, {"task": task.state_dict(), "rehearsal": reh.state_dict()}
+
+
+def test_mixing_resumes_with_the_same_sequence():
+    """Steps 38-100 drawn by a new process from the streams' checkpointed state equal an uninterrupted draw."""
+    whole, _ = _draw_ids(range(1, 101), None)
+    first, state = _draw_ids(range(1, 38), None)
+    code = ("import json, sys; from tests.test_train import _draw_ids; "
+            "print(json.dumps(_draw_ids(range(38, 101), json.loads(sys.argv[1]))[0]))")
+    rest = subprocess.run([sys.executable, "-c", code, json.dumps(state)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], check=True)
+    assert first + json.loads(rest.stdout) == whole
+    assert sum(i.startswith("rehearsal") for step in whole for i in step) == round(0.3 * 7 * 100)
+
+
+def test_per_rank_slices_concatenate_to_the_one_process_draw(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
+    """[global step note] Each of P processes (batch B/P) keeps its slice of the same global draw."""
+    import dataclasses
+
+    from pipeline import distributed
+
+    run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", batch_size=6, rehearsal_ratio=0.3), **QUIET)
+    fresh = {name: s.state_dict() for name, s in (("task", run.task), ("rehearsal", run.rehearsal))}
+
+    def draws(batch_size: int, grad_accum: int, world: int, rank: int) -> list[list[list[int]]]:
+        """Per step, this rank's examples as token-id lists (padding removed)."""
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        run.cfg = dataclasses.replace(run.cfg, batch_size=batch_size, grad_accum=grad_accum)
+        run.task.load_state_dict(fresh["task"])
+        run.rehearsal.load_state_dict(fresh["rehearsal"])
+        out = []
+        for step in range(1, 6):
+            out.append([ids[att.bool()].tolist() for b in micro_batches(run, step)
+                        for ids, att in zip(b.input_ids, b.attention_mask, strict=True)])
+        return out
+
+    one = draws(6, 1, 1, 0)
+    assert sum(len(step) for step in one) == 30
+    for batch_size, grad_accum, world in ((3, 1, 2), (1, 3, 2), (2, 1, 3), (1, 2, 3)):
+        ranks = [draws(batch_size, grad_accum, world, r) for r in range(world)]
+        for s in range(5):
+            assert [x for r in ranks for x in r[s]] == one[s], (batch_size, grad_accum, world, s + 1)
+
+
+def test_rehearsal_that_cannot_happen_is_refused(tiny_model_dir, tiny_cache, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"kd_on: rehearsal .* rehearsal_ratio is 0"):
+        load_config(TrainConfig, None, {"cache": "c", "out": "o", "kd_on": "rehearsal", "rehearsal_ratio": 0})
+    # 0.01 * 4 examples * 6 steps = 0.24 rehearsal examples: rounds to none.
+    with pytest.raises(PipelineError, match=r"rehearsal_ratio 0.01 of 4 examples per step over 6 steps rounds to no"):
+        setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "o", rehearsal_ratio=0.01), **QUIET)
+    # 0.125 * 4 * 1 = 0.5 rounds up: one rehearsal example, in the only step.
+    run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "o2", rehearsal_ratio=0.125, max_steps=1), **QUIET)
+    assert micro_batches(run, 1)[0].n_rehearsal_examples == 1
 
 
 def test_ratio_without_rehearsal_rows_is_an_error(tiny_model_dir, tmp_path):
@@ -96,6 +212,8 @@ def test_ratio_without_rehearsal_rows_is_an_error(tiny_model_dir, tmp_path):
         setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o"), **QUIET)
     run = setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o2", rehearsal_ratio=0.0), **QUIET)
     assert run.rehearsal is None and micro_batches(run, 1)[0].n_rehearsal_examples == 0
+    with pytest.raises(PipelineError, match="--eval-every scores held-out rows, and the cache has none"):
+        setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o3", rehearsal_ratio=0.0, eval_every=2), **QUIET)
 
 
 def test_cache_from_other_model_and_bad_checksum_refused(tiny_model_dir, tiny_cache, tmp_path):
@@ -127,7 +245,8 @@ def test_refuses_non_empty_out(tiny_model_dir, tiny_cache, tmp_path):
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_model_dir, tiny_cache, tmp_path):
     args = ["--model", str(tiny_model_dir), "--cache", str(tiny_cache), "--max-steps", "8", "--batch-size", "4",
-            "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "2", "--save-every", "3", "--kd-lambda", "0.5"]
+            "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "2", "--save-every", "3", "--kd-lambda", "0.5",
+            "--eval-every", "2"]
     run = [sys.executable, "-m", "pipeline", "train", *args]
     ok = subprocess.run([*run, "--out", str(tmp_path / "full")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
@@ -151,7 +270,85 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_model_dir, tiny_cache, t
     full_metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     resumed_metrics = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in resumed_metrics] == [json.loads(x)["step"] for x in full_metrics]
-    assert json.loads(resumed_metrics[-1])["ce"] == pytest.approx(json.loads(full_metrics[-1])["ce"], abs=1e-6)
+    # The eval lines (steps 2, 4, 6, 8; the crashed run's step 4 was dropped and scored again) are the same.
+    evals = [json.loads(x) for x in full_metrics if json.loads(x).get("eval")]
+    assert [e["step"] for e in evals] == [2, 4, 6, 8]
+    assert [json.loads(x) for x in resumed_metrics if json.loads(x).get("eval")] == evals
+    assert json.loads(resumed_metrics[-2])["ce"] == pytest.approx(json.loads(full_metrics[-2])["ce"], abs=1e-6)
+
+
+def test_eval_every_writes_held_out_curves_without_touching_training(tiny_model_dir, tiny_cache, tmp_path):
+    """[training eval note] Eval lines every N steps and at the end, scored as evaluate scores, in eval mode; the
+    adapter is bit for bit that of a run without them (LoRA dropout on: the random stream is untouched)."""
+    from pipeline.evaluate import eval_rows, score_rows
+    from pipeline.models import load_for_inference, open_model_source
+
+    common = {"max_steps": 5, "kd_lambda": 0.5, "lora_dropout": 0.1, "save_every": 100, "log_every": 2}
+    with_eval = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "e", eval_every=2, eval_limit=2, **common),
+                      **QUIET)
+    train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "n", **common), **QUIET)
+    a = load_file(tmp_path / "e" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "n" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    lines = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(x) for x in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if m.get("eval")]
+    assert [m["step"] for m in evals] == [2, 4, 5]  # every 2 steps and at the end
+    assert all(m.keys() == {"step", "eval", "task_ce", "kl_topk", "task_rows", "general_rows"} for m in evals)
+    assert all((m["task_rows"], m["general_rows"]) == (2, 2) for m in evals)  # --eval-limit 2 of 3 each
+    assert [m["step"] for m in lines if not m.get("eval")] == [m["step"] for m in plain]
+    assert evals[-1] == with_eval["final_eval"]
+
+    # The last line equals evaluate's own scoring of the saved adapter on the first 2 rows by example id.
+    source = open_model_source(str(tiny_model_dir))
+    model, device, precision = load_for_inference(source, "cpu", "auto", str(tmp_path / "e" / "adapter"))
+    cache = open_cache(tiny_cache)
+    task_rows, general_rows = eval_rows(cache, "task", 2), eval_rows(cache, "rehearsal", 2)
+    assert sorted(r.example_id for r in task_rows) == ["t0", "t1"] and sorted(
+        r.example_id for r in general_rows) == ["g0", "g1"]
+    common = {"pad_id": source.tokenizer.pad_token_id, "batch_size": 4, "device": device, "precision": precision,
+              "temperature": cache.temperature, "desc": "test"}
+    task = score_rows(model, task_rows, with_kl=False, **common)
+    general = score_rows(model, general_rows, with_kl=True, **common)
+    assert evals[-1]["task_ce"] == pytest.approx(task["ce"], abs=1e-5)
+    assert evals[-1]["kl_topk"] == pytest.approx(general["kl"], abs=1e-6) and general["kl"] > 1e-6
+
+
+def test_held_out_eval_leaves_the_model_training(tiny_model_dir, tiny_cache, tmp_path):
+    from pipeline.train import held_out_eval
+
+    run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", eval_every=1), **QUIET)
+    before = torch.get_rng_state()
+    line = held_out_eval(run, 7)
+    assert run.model.training and torch.equal(torch.get_rng_state(), before)
+    assert line["step"] == 7 and line["eval"] is True and (line["task_rows"], line["general_rows"]) == (3, 3)
+    assert line["kl_topk"] < 1e-5  # the untrained student is the teacher
+
+
+def test_sweep_sets_eval_every_unless_given(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
+    import pipeline.sweep
+    from pipeline.config import EvalConfig, SweepConfig
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_train(cfg, **kw):
+        seen.append(cfg.eval_every)
+        raise Stop
+
+    monkeypatch.setattr(pipeline.sweep, "evaluate", lambda *a, **kw: {})
+    monkeypatch.setattr(pipeline.sweep, "train", fake_train)
+    eval_cfg = EvalConfig(model=str(tiny_model_dir), cache=str(tiny_cache))
+    for fixed, grid, want in (({"max_steps": 20}, [], 2), ({"max_steps": 7}, [], 1),
+                              ({"max_steps": 20, "eval_every": 5}, [], 5), ({"max_steps": 20}, ["eval_every=0"], 0)):
+        cfg = SweepConfig(model=str(tiny_model_dir), cache=str(tiny_cache), out=str(tmp_path / f"s{len(seen)}"),
+                          lambdas=[0.5], grid=grid)
+        with pytest.raises(Stop):
+            pipeline.sweep.sweep(cfg, fixed, eval_cfg, command="test", **QUIET)
+        assert seen[-1] == want, (fixed, grid)
 
 
 def test_adapter_reloads_with_peft_and_gives_same_logits(tiny_model_dir, tiny_cache, tmp_path):
@@ -228,6 +425,10 @@ def test_kd_keeps_student_closer_to_teacher(tiny_model_dir, tiny_cache, tmp_path
                                                                    "adapter_model.safetensors"]
     run_yaml = yaml.safe_load((out / "run.yaml").read_text())
     assert run_yaml["status"] == "finished" and run_yaml["config"]["kd_lambda"] == 16.0
+    # 16 steps x 4 examples at 0.3: round(19.2) = 19 rehearsal examples (per-step rounding gave 16, 25%).
+    summary = run_yaml["summary"]
+    assert (summary["rehearsal_examples"], summary["examples"]) == (rehearsal_total(0.3, 4, 16), 64) == (19, 64)
+    assert summary["rehearsal_ratio"] == pytest.approx(19 / 64)
     assert run_yaml["cache"]["fingerprint"] == open_cache(tiny_cache).fingerprint
 
 
@@ -289,6 +490,8 @@ def test_online_teacher_flags_checked():
         load_config(TrainConfig, None, {"out": "o", "online_teacher": True})
     with pytest.raises(ConfigError, match="drop --cache"):
         load_config(TrainConfig, None, {"out": "o", "online_teacher": True, "cache": "c", "task_train": "t"})
+    with pytest.raises(ConfigError, match="--eval-every scores the cache's held-out rows"):
+        load_config(TrainConfig, None, {"out": "o", "online_teacher": True, "task_train": "t", "eval_every": 5})
 
 
 def test_rand_dropout_matches_dropout_in_distribution():
@@ -318,3 +521,91 @@ def test_peak_memory_is_measured_from_the_reset():
     del big
     reset_peak_memory(cpu)
     assert peak_memory_mb(cpu) < before - 300
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --max-forgetting: the forgetting budget (issue 14)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_dual_ascent_follows_the_hand_computed_sequence():
+    """[forgetting budget note] with BUDGET_STEP 0.2, BUDGET_EMA 0.8, EPS 0.01, lambda from 0.5."""
+    from pipeline.train import BUDGET_EMA, BUDGET_STEP, dual_ascent
+
+    assert (BUDGET_STEP, BUDGET_EMA) == (0.2, 0.8)
+    # kl:   0.0 -> avg 0;      lambda 0.5 + 0.2 * (0 - 0.01) / 0.01      = 0.3
+    # None: nothing measured (a step without rehearsal tokens): unchanged
+    # 0.02 -> avg 0.004;       0.3  + 0.2 * (0.004  - 0.01) / 0.01       = 0.18
+    # 0.03 -> avg 0.0092;      0.18 + 0.2 * (0.0092 - 0.01) / 0.01       = 0.164
+    # 0.05 -> avg 0.01736;     0.164 + 0.2 * 0.736                        = 0.3112
+    # 0.0  -> avg 0.013888;    0.3112 + 0.2 * 0.3888                      = 0.38896
+    want = [(0.3, 0.0), (0.3, 0.0), (0.18, 0.004), (0.164, 0.0092), (0.3112, 0.01736), (0.38896, 0.013888)]
+    lam, avg = 0.5, None
+    for kl, (want_lam, want_avg) in zip([0.0, None, 0.02, 0.03, 0.05, 0.0], want, strict=True):
+        lam, avg = dual_ascent(lam, avg, kl, 0.01)
+        assert (lam, avg) == (pytest.approx(want_lam, abs=1e-12), pytest.approx(want_avg, abs=1e-12))
+    assert dual_ascent(0.1, 0.0, 0.0, 0.01) == (0.0, 0.0)  # never below 0
+
+
+def test_budget_constraint_is_the_forward_kl_on_rehearsal_tokens(tiny_model_dir, tiny_cache, tmp_path):
+    """kd_on: rehearsal reuses the KD term; kd_on: all measures it apart, without grad: the same number."""
+    import dataclasses
+
+    run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", max_forgetting=0.01, lora_dropout=0.0,
+                        precision="fp32", batch_size=8, lr=1e-2), **QUIET)
+    for step in (1, 2):  # two updates, so that the KL is not ~0
+        loss_step(run, micro_batches(run, step), measure_kl=True)
+        optimizer_step(run)
+    batches = micro_batches(run, 3)
+    got = {}
+    for kd_on in ("all", "rehearsal"):  # the same parameters, the same batches
+        run.cfg = dataclasses.replace(run.cfg, kd_on=kd_on)
+        got[kd_on] = loss_step(run, batches, measure_kl=True)
+        run.optimizer.zero_grad(set_to_none=True)
+    assert got["rehearsal"]["kl_rehearsal"] == got["rehearsal"]["kl"] > 1e-5
+    assert got["all"]["kl_rehearsal"] == pytest.approx(got["rehearsal"]["kl_rehearsal"], rel=1e-5)
+    assert got["all"]["kl_rehearsal"] != pytest.approx(got["all"]["kl"], rel=1e-2)  # not the all-token KL
+
+
+def test_budget_multiplier_resumes_bit_exactly(tiny_model_dir, tiny_cache, tmp_path):
+    """A run resumed from its step-3 checkpoint ends with the uninterrupted run's lambda, to the bit."""
+    import shutil
+
+    settings = {"max_steps": 6, "save_every": 3, "log_every": 1, "max_forgetting": 1e-4, "kd_lambda": 0.5,
+                "lr": 3e-3}
+    full = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "full", **settings), **QUIET)
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000003", resumed_dir / "checkpoints" / "step-000003")
+    shutil.copy(tmp_path / "full" / "run.yaml", resumed_dir / "run.yaml")
+    resumed = train(cfg_for(tiny_model_dir, tiny_cache, resumed_dir, resume=True, **settings), **QUIET)
+
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lambdas = [m["lambda"] for m in lines if "lambda" in m]
+    assert len(lambdas) == 6 and lambdas[0] == 0.5 and len(set(lambdas)) > 2  # it moved
+    assert all(m["constraint"] > 0 for m in lines[1:])
+    assert full["max_forgetting"] == 1e-4 and full["final_lambda"] != lambdas[-1]  # updated after the last step
+    assert (resumed["final_lambda"], resumed["final_constraint"]) == (full["final_lambda"], full["final_constraint"])
+    tail = [json.loads(x) for x in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lambda"] for m in tail] == lambdas[3:]  # steps 4-6, each with the uninterrupted run's multiplier
+    summary = yaml.safe_load((tmp_path / "full" / "run.yaml").read_text())["summary"]
+    assert summary["final_lambda"] == full["final_lambda"]
+
+
+def test_budget_without_rehearsal_is_refused_and_sweeps(tiny_model_dir, tmp_path):
+    from pipeline.config import SweepConfig, load_config
+    from pipeline.errors import ConfigError
+    from pipeline.sweep import plan_runs
+
+    with pytest.raises(ConfigError, match=r"max_forgetting: the budget is measured on the rehearsal examples .* "
+                                          r"rehearsal_ratio is 0") as e:
+        load_config(TrainConfig, None, {"cache": "c", "out": "o", "max_forgetting": 0.01, "rehearsal_ratio": 0})
+    assert len(e.value.problems) == 1
+    task = write_jsonl(tmp_path / "t.jsonl", TASK_ROWS)
+    build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(task), top_k=4,
+                            max_length=256), **QUIET)
+    with pytest.raises(PipelineError, match="--max-forgetting is measured on rehearsal examples, and there are no"):
+        setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o", max_forgetting=0.01), **QUIET)
+
+    runs = plan_runs(SweepConfig(cache="c", out="o", grid=["max_forgetting=0.013,0.0065"]))
+    assert [(r.name, r.overrides) for r in runs] == [("max_forgetting=0.013", {"max_forgetting": 0.013}),
+                                                     ("max_forgetting=0.0065", {"max_forgetting": 0.0065})]
