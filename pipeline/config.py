@@ -103,7 +103,7 @@ class TrainConfig(CommonConfig):
     l2: float = opt(0.0, "mu: weight of the L2 penalty on the LoRA parameters.", min=0)
     lora_r: int = opt(8, "LoRA rank.", positive=True)
     lora_alpha: float = opt(16, "LoRA alpha (scale = alpha / r).", positive=True)
-    lora_dropout: float = opt(0.05, "LoRA dropout.", min=0, max=1)
+    lora_dropout: float = opt(0.05, "LoRA dropout (below 1).", min=0)
     lora_target_modules: str = opt("all-linear", "Comma-separated module names to adapt, or all-linear.")
     max_steps: int = opt(200, "Optimiser steps.", positive=True)
     batch_size: int = opt(8, "Examples per micro-batch.", positive=True)
@@ -132,6 +132,8 @@ class TrainConfig(CommonConfig):
         problems = []
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite exclude each other")
+        if self.lora_dropout >= 1:
+            problems.append(f"lora_dropout: must be < 1 (1 drops every input of the adapter), got {self.lora_dropout}")
         if self.online_teacher:
             if self.cache:
                 problems.append("--online-teacher trains without a cache: drop --cache (or --online-teacher)")
