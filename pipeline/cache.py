@@ -63,6 +63,7 @@ from pipeline.models import (
     load_model,
     open_model_source,
     output_head,
+    output_vocab_size,
     quantization_settings,
     resolve_device,
     resolve_precision,
@@ -264,7 +265,7 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
         examples, input_records, counts = prepare(cfg, tokenizer, log)
         device = distributed.place(resolve_device(cfg.device))
         precision = resolve_precision(cfg.precision, device)
-        vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0))
+        vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0), output_vocab_size(source.path))
         settings = {
             "format_version": FORMAT_VERSION,
             "teacher": {"model": cfg.model, "fingerprint": fingerprint},

@@ -128,7 +128,7 @@ class TrainConfig(CommonConfig):
                                        positive=True)
     lora_r: int = opt(8, "LoRA rank.", positive=True)
     lora_alpha: float = opt(16, "LoRA alpha (scale = alpha / r).", positive=True)
-    lora_dropout: float = opt(0.05, "LoRA dropout.", min=0, max=1)
+    lora_dropout: float = opt(0.05, "LoRA dropout (below 1).", min=0)
     lora_target_modules: str = opt("all-linear", "Comma-separated module names to adapt, or all-linear.")
     max_steps: int = opt(200, "Optimiser steps.", positive=True)
     batch_size: int = opt(8, "Examples per micro-batch.", positive=True)
@@ -168,6 +168,8 @@ class TrainConfig(CommonConfig):
         if self.kd_on == "rehearsal" and self.rehearsal_ratio == 0:
             problems.append("kd_on: rehearsal puts the KL on rehearsal examples only, but rehearsal_ratio is 0: no "
                             "step would have any; give --rehearsal-ratio > 0 or --kd-on all")
+        if self.lora_dropout >= 1:
+            problems.append(f"lora_dropout: must be < 1 (1 drops every input of the adapter), got {self.lora_dropout}")
         if self.online_teacher:
             if self.cache:
                 problems.append("--online-teacher trains without a cache: drop --cache (or --online-teacher)")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_text
 
 
@@ -63,11 +64,18 @@ class MetricsLog:
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk; a torn last line is dropped on --resume (see __init__)
+            raise PipelineError(f"{self.path}: cannot write: {e.strerror or e}; the checkpoints before it are kept: "
+                                "free space and rerun with --resume") from e
 
     def close(self) -> None:
-        self.file.close()
+        # After a failed write the unwritten line is still buffered and close() tries it again; the file is closed
+        # either way, and the error has been reported by write().
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
 def _step_of(line: str) -> int | None:

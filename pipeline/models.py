@@ -165,6 +165,18 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest
 
 
+def output_vocab_size(model_dir: Path) -> int:
+    """Rows of the model's output head, from its config (0 if it records none). The teacher's top-k ids range over
+    these, which may outnumber the tokenizer's entries (vocabularies padded to a multiple of 64, ...)."""
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    try:
+        return int(getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "vocab_size", 0) or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of what decides the token ids: the vocabulary, special tokens and the chat template."""
     payload = {

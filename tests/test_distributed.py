@@ -132,24 +132,17 @@ def test_two_rank_cache_resumed_after_sigkill_equals_one_rank_cache(tmp_path, ti
     computed, kept = map(int, re.search(r"examples +24 \((\d+) computed now, (\d+) kept", job.stdout).groups())
     assert computed + kept == 24 and kept >= 4, job.stdout
 
-    # The same rows, example by example: ids, masks, targets; log-probs up to float16 rounding.
+    # The same rows, example by example, and the same shard files byte for byte: each rank computes its shards with
+    # the batches and the thread count of one process, so the README's "identical" holds to the last bit.
     got, want = rows_by_id(out), rows_by_id(cache_1)
     assert sorted(got) == sorted(want)
     for ex_id, row in want.items():
-        for column in ("role", "split", "input_ids", "loss_mask", "target_token_ids"):
-            assert got[ex_id][column] == row[column], (ex_id, column)
-        torch.testing.assert_close(torch.tensor(got[ex_id]["target_logprobs"]), torch.tensor(row["target_logprobs"]),
-                                   atol=1e-3, rtol=2e-3)
-    # One manifest over all shards, planned as one process plans them (rank r computed shards r, r+2, ...).
+        assert got[ex_id] == row, ex_id
+    # One manifest over all shards, planned as one process plans them (rank r computed shards r, r+2, ...), with
+    # every shard's size and sha256.
     m_got, m_want = manifest_without_time(out), manifest_without_time(cache_1)
     assert [s["file"] for s in m_got["shards"]] == [f"shard-{i:05d}.parquet" for i in range(7)]
-    drop = ("bytes", "sha256")
-    assert [{k: v for k, v in s.items() if k not in drop} for s in m_got["shards"]] == \
-        [{k: v for k, v in s.items() if k not in drop} for s in m_want["shards"]]
-    assert {k: v for k, v in m_got["totals"].items() if "bytes" not in k} == \
-        {k: v for k, v in m_want["totals"].items() if "bytes" not in k}
-    assert {k: v for k, v in m_got.items() if k not in ("shards", "totals")} == \
-        {k: v for k, v in m_want.items() if k not in ("shards", "totals")}
+    assert m_got == m_want
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, *(f"shard-{i:05d}.parquet" for i in range(7))]
 
 

@@ -221,9 +221,13 @@ def test_sweep_reuses_cache_resumes_and_reports(tiny_model_dir, eval_cache, tmp_
     assert trained == ["plain-qlora"]
     assert rows2[1]["eval"] == rows[1]["eval"]
 
-    # The same sweep directory with other fixed settings is refused, naming the field.
-    with pytest.raises(Exception, match="lr"):
+    # The same sweep directory with other fixed settings is refused, naming the field and both values.
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError) as refused:
         sweep(cfg, {**fixed, "lr": 1e-3}, eval_cfg, command="test", **QUIET)
+    assert str(refused.value) == (f"{tmp_path / 's' / 'kd_lambda=0'}: trained with other settings (lr: run has 0.003, "
+                                  "asked for 0.001); use another sweep --out or delete that run")
 
 
 def test_plan_runs_grid_and_errors():
