@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import EvalConfig, SweepConfig, TrainConfig, _coerce, config_differences, load_config
+from pipeline.config import EvalConfig, SweepConfig, TrainConfig, _coerce, config_differences, load_config, overlay
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fileio import atomic_write_json, read_json
@@ -139,7 +139,7 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
     for i, run in enumerate(runs, start=1):
         run_dir = out / run.name
         try:
-            train_cfg = load_config(TrainConfig, None, {**fixed_train, **shared, **run.overrides,
+            train_cfg = load_config(TrainConfig, None, {**overlay({**fixed_train, **shared}, run.overrides),
                                                         "cache": str(cache.path), "out": str(run_dir)})
         except ConfigError as e:
             raise ConfigError([f"run {run.name}: {p}" for p in e.problems]) from None

@@ -12,6 +12,7 @@ Loss per step (DESIGN.md section 5), means over the response tokens of the WHOLE
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import time
@@ -70,6 +71,8 @@ class Run:
     top_k: int = 0
     online: bool = False  # --online-teacher: targets computed at every step (online_targets)
     teacher: object | None = None  # a separate teacher model for online targets (benchmarks); None: adapter off
+    asked: TrainConfig | None = None  # the config as given (run.yaml, --resume); cfg has --epochs resolved
+    resolved: dict = field(default_factory=dict)  # max_steps and epochs, each implied by the other (run.yaml)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,12 +151,14 @@ def online_rows(cfg: TrainConfig, tokenizer, log=print) -> MemoryRows:
 def setup(cfg: TrainConfig, log=print) -> Run:
     # Under torchrun each step below runs on every rank and a user error stops all of them alike
     # (distributed.agree); the shards' checksums are read once per machine, the output directory by rank 0 only.
+    asked = cfg
     cache = None if cfg.online_teacher else distributed.agree(
         lambda: open_cache(cfg.cache, verify=distributed.local_rank() == 0))
     source = open_model_source(cfg.model)
     fingerprint = source.fingerprint
 
     def check_inputs() -> tuple[object, object, int, torch.device, str]:
+        nonlocal cfg
         tokenizer = source.tokenizer
         rows = cache
         if rows is None:
@@ -162,6 +167,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
             rows.check_compatible(model_fingerprint=fingerprint, tokenizer_fingerprint=source.tokenizer_fingerprint,
                                   max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
         n_task, n_reh = rows.count("task", "train"), rows.count("rehearsal", "train")
+        cfg = dataclasses.replace(cfg, epochs=None, max_steps=cfg.max_steps or steps_for_epochs(cfg, n_task))
         if cfg.rehearsal_ratio > 0 and n_reh == 0:
             raise PipelineError(f"{rows.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but there are no "
                                 "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
@@ -177,7 +183,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         if not distributed.is_main():
             return Path(cfg.out)
         out = prepare_out_dir(cfg)
-        check_resume_settings(cfg, out, cache.fingerprint if cache is not None else None)
+        check_resume_settings(asked, out, cache.fingerprint if cache is not None else None)
         return out
 
     out = distributed.agree(make_out_dir)
@@ -215,13 +221,38 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if ddp is not None:
         log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
             f"per step, {global_batch(cfg)} per step in all")
+    resolved = run_length(cfg, asked.epochs, rows.count("task", "train"))
+    if resolved["epochs"] is not None:
+        log(f"{cfg.max_steps} steps: {resolved['epochs']:g} epochs of {resolved['task_rows']} task rows, "
+            f"{resolved['task_rows_per_step']:g} a step")
     return Run(cfg, out, rows, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
-               precision, temperature, ddp=ddp, top_k=top_k, online=cache is None)
+               precision, temperature, ddp=ddp, top_k=top_k, online=cache is None, asked=asked, resolved=resolved)
 
 
 def global_batch(cfg: TrainConfig) -> int:
     """Examples per optimiser step over all processes: batch_size * grad_accum * world_size."""
     return cfg.batch_size * cfg.grad_accum * distributed.world_size()
+
+
+def task_rows_per_step(cfg: TrainConfig) -> float:
+    """Task rows an optimiser step draws on average: the global batch less its rehearsal share (DESIGN.md section 6:
+    step s draws round(r*n*s) - round(r*n*(s-1)) rehearsal rows, r*n on average)."""
+    return global_batch(cfg) * (1 - cfg.rehearsal_ratio)
+
+
+def run_length(cfg: TrainConfig, epochs: float | None, task_rows: int) -> dict:
+    """run.yaml's `resolved` block: the steps the run makes and the epochs they are, whichever was given."""
+    per_step = task_rows_per_step(cfg)
+    if epochs is None and task_rows:
+        epochs = round(cfg.max_steps * per_step / task_rows, 4)
+    return {"max_steps": cfg.max_steps, "epochs": epochs, "task_rows": task_rows,
+            "task_rows_per_step": round(per_step, 4)}
+
+
+def steps_for_epochs(cfg: TrainConfig, task_rows: int) -> int:
+    """--epochs as optimiser steps: ceil(epochs * task rows / task rows per step), at least 1. (Rounded to 9
+    decimals first: 1 epoch of 21 rows at 0.7 task rows a step is 30 steps, not 31 from 30.000000000000004.)"""
+    return max(1, math.ceil(round(cfg.epochs * task_rows / task_rows_per_step(cfg), 9)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,7 +450,7 @@ def write_run_yaml(run: Run, extra: dict) -> None:
         teacher = {"path": str(run.cache.path), "fingerprint": run.cache.fingerprint, "top_k": run.top_k,
                    "temperature": run.temperature, "max_length": run.cache.manifest["max_length"],
                    "teacher": run.cache.manifest["teacher"]}
-    doc = {"config": to_dict(run.cfg), "cache": teacher,
+    doc = {"config": to_dict(run.asked or run.cfg), "resolved": run.resolved, "cache": teacher,
            "precision": run.precision, "device": str(run.device), "world_size": distributed.world_size(),
            "global_batch": global_batch(run.cfg), "package_version": __version__, **extra}
     atomic_write_text(run.out / "run.yaml", yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
