@@ -30,6 +30,9 @@ DEFAULT_MAX_STEPS = 200  # train's length when neither --max-steps nor --epochs 
 # Settings that are alternatives to each other: one given at a higher level of precedence (a flag over the config
 # file, a sweep run's own setting over the sweep's fixed part) replaces the other given below it.
 ALTERNATIVES = {"max_steps": "epochs", "epochs": "max_steps"}
+# Train settings that change what a run reports, not what it trains: they may differ on --resume and in a kept
+# sweep run (e.g. resuming with --report-to tensorboard to watch a run started without it).
+REPORTING = ("report_to",)
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, min: float | None = None,
@@ -146,6 +149,8 @@ class TrainConfig(CommonConfig):
     divergence_factor: float = opt(4.0, "Stop when the loss exceeds this multiple of its best running average.",
                                    min=1)
     log_every: int = opt(10, "Write a line to metrics.jsonl every N steps.", positive=True)
+    report_to: str = opt("none", "Also write metrics.jsonl's numbers as TensorBoard scalars under OUT/tb/ (needs "
+                         "pip install 'lwf-pipeline[tensorboard]').", choices=("none", "tensorboard"))
     save_every: int = opt(50, "Write a resumable checkpoint every N steps.", positive=True)
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", positive=True)
     temperature: float | None = opt(None, "Distillation temperature; must equal the cache's (default: the cache's; "

@@ -21,7 +21,16 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import EvalConfig, SweepConfig, TrainConfig, _coerce, config_differences, load_config, overlay
+from pipeline.config import (
+    REPORTING,
+    EvalConfig,
+    SweepConfig,
+    TrainConfig,
+    _coerce,
+    config_differences,
+    load_config,
+    overlay,
+)
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fileio import atomic_write_json, read_json
@@ -96,7 +105,8 @@ def _finished(run_dir: Path, want: TrainConfig) -> bool:
         doc = yaml.safe_load(run_yaml.read_text())
     except yaml.YAMLError as e:
         raise PipelineError(f"{run_yaml}: unreadable ({e}); delete {run_dir} to redo this run") from e
-    diffs = config_differences(doc.get("config", {}), dataclasses.asdict(want), ignore=("resume", "overwrite"))
+    diffs = config_differences(doc.get("config", {}), dataclasses.asdict(want),
+                               ignore=("resume", "overwrite", *REPORTING))
     if diffs:
         key, have, asked = diffs[0]
         raise PipelineError(f"{run_dir}: trained with other settings ({key}: run has {have!r}, asked for {asked!r}); "

@@ -25,14 +25,14 @@ import yaml
 
 from pipeline import __version__, distributed
 from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import TrainConfig, config_differences, to_dict
+from pipeline.config import REPORTING, TrainConfig, config_differences, to_dict
 from pipeline.data import draw_step
 from pipeline.errors import PipelineError
 from pipeline.faults import crash_point
 from pipeline.fileio import atomic_write_text, fsync_dir, remove_tmp_files
 from pipeline.format import CachedRow
 from pipeline.losses import l2_penalty, response_losses
-from pipeline.metrics import MetricsLog, StepStats, peak_memory_mb, record, reset_peak_memory
+from pipeline.metrics import MetricsLog, StepStats, peak_memory_mb, record, require_tensorboard, reset_peak_memory
 from pipeline.models import (
     attach_lora,
     base_of,
@@ -114,7 +114,8 @@ def check_resume_settings(cfg: TrainConfig, out: Path, cache_fingerprint: str | 
         doc = yaml.safe_load(run_yaml.read_text()) or {}
     except yaml.YAMLError:
         return
-    diffs = config_differences(doc.get("config", {}), to_dict(cfg), ignore=("resume", "overwrite", *PATH_SETTINGS))
+    diffs = config_differences(doc.get("config", {}), to_dict(cfg),
+                               ignore=("resume", "overwrite", *PATH_SETTINGS, *REPORTING))
     if diffs:
         key, was, now = diffs[0]
         raise PipelineError(f"{out}: --resume with other settings: {key} was {was!r}, now {now!r}; resume with "
@@ -152,6 +153,8 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     # Under torchrun each step below runs on every rank and a user error stops all of them alike
     # (distributed.agree); the shards' checksums are read once per machine, the output directory by rank 0 only.
     asked = cfg
+    if cfg.report_to == "tensorboard":  # before anything slow; rank 0 alone writes the events
+        distributed.agree(lambda: require_tensorboard() if distributed.is_main() else None)
     cache = None if cfg.online_teacher else distributed.agree(
         lambda: open_cache(cfg.cache, verify=distributed.local_rank() == 0))
     source = open_model_source(cfg.model)
@@ -383,7 +386,8 @@ def fit(run: Run, log=print) -> dict:
     # Without a checkpoint (step 0) nothing is kept: the step-0 line is written again below. Under torchrun rank 0
     # alone writes; the logged values are over all ranks (loss_step).
     main = distributed.is_main()
-    metrics = MetricsLog(run.out / "metrics.jsonl", s.step if s.step else -1) if main else None
+    metrics = MetricsLog(run.out / "metrics.jsonl", s.step if s.step else -1,
+                         tensorboard=cfg.report_to == "tensorboard") if main else None
     # A resumed run continues the sums of the unlogged steps and the loss averages from its checkpoint
     # (TrainState), so its metrics lines and divergence check are those of an uninterrupted run.
     bar = tqdm(total=cfg.max_steps, initial=s.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
