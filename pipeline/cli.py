@@ -211,14 +211,14 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     """
     from dataclasses import fields as dc_fields
 
-    from pipeline.config import section_values
+    from pipeline.config import overlay, section_values
     from pipeline.sweep import sweep
 
     sweep_names = {f.name for f in dc_fields(SweepConfig)}
     train_names = {f.name for f in dc_fields(TrainConfig)} - sweep_names
     cfg = load_config(SweepConfig, config_file, {k: v for k, v in flags.items() if k in sweep_names})
-    fixed = section_values(config_file, "train")
-    fixed.update({k: v for k, v in flags.items() if k in train_names and v is not None})
+    fixed = overlay(section_values(config_file, "train"),
+                    {k: v for k, v in flags.items() if k in train_names and v is not None})
     eval_cfg = load_config(EvalConfig, config_file, {"cache": cfg.cache, "limit": cfg.eval_limit})
     command = "pipeline sweep " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["sweep"] else "pipeline sweep"
     rows = sweep(cfg, fixed, eval_cfg, command=command)

@@ -26,6 +26,13 @@ import yaml
 from pipeline.errors import ConfigError
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
+DEFAULT_MAX_STEPS = 200  # train's length when neither --max-steps nor --epochs is given
+# Settings that are alternatives to each other: one given at a higher level of precedence (a flag over the config
+# file, a sweep run's own setting over the sweep's fixed part) replaces the other given below it.
+ALTERNATIVES = {"max_steps": "epochs", "epochs": "max_steps"}
+# Train settings that change what a run reports, not what it trains: they may differ on --resume and in a kept
+# sweep run (e.g. resuming with --report-to tensorboard to watch a run started without it).
+REPORTING = ("report_to",)
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, min: float | None = None,
@@ -130,7 +137,11 @@ class TrainConfig(CommonConfig):
     lora_alpha: float = opt(16, "LoRA alpha (scale = alpha / r).", positive=True)
     lora_dropout: float = opt(0.05, "LoRA dropout (below 1).", min=0)
     lora_target_modules: str = opt("all-linear", "Comma-separated module names to adapt, or all-linear.")
-    max_steps: int = opt(200, "Optimiser steps.", positive=True)
+    max_steps: int | None = opt(None, f"Optimiser steps ({DEFAULT_MAX_STEPS} unless --epochs is given).",
+                                positive=True)
+    epochs: float | None = opt(None, "Instead of --max-steps: passes over the task training rows at the rehearsal "
+                               "ratio, e.g. 1.5 (steps = ceil(epochs * task rows / task rows per step)).",
+                               positive=True)
     batch_size: int = opt(8, "Examples per micro-batch.", positive=True)
     grad_accum: int = opt(1, "Micro-batches per optimiser step (the loss is normalised by the step's tokens).",
                           positive=True)
@@ -148,6 +159,8 @@ class TrainConfig(CommonConfig):
                           "curves. 0 = off.", min=0)
     eval_limit: int = opt(64, "With --eval-every: at most this many held-out rows of each kind (the first by example "
                           "id, as evaluate --limit).", positive=True)
+    report_to: str = opt("none", "Also write metrics.jsonl's numbers as TensorBoard scalars under OUT/tb/ (needs "
+                         "pip install 'lwf-pipeline[tensorboard]').", choices=("none", "tensorboard"))
     save_every: int = opt(50, "Write a resumable checkpoint every N steps.", positive=True)
     keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", positive=True)
     temperature: float | None = opt(None, "Distillation temperature; must equal the cache's (default: the cache's; "
@@ -157,6 +170,10 @@ class TrainConfig(CommonConfig):
     top_k: int | None = opt(None, "Must equal the cache's top_k if given (32 with --online-teacher).", positive=True)
     resume: bool = opt(False, "Continue from the last complete checkpoint in --out.")
     overwrite: bool = opt(False, "Delete a non-empty --out and start afresh.")
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
 
     def check(self) -> list[str]:
         problems = column_problems(self.columns)
@@ -170,6 +187,11 @@ class TrainConfig(CommonConfig):
                             "step would have any; give --rehearsal-ratio > 0 or --kd-on all")
         if self.lora_dropout >= 1:
             problems.append(f"lora_dropout: must be < 1 (1 drops every input of the adapter), got {self.lora_dropout}")
+        if self.epochs is not None and self.max_steps is not None:
+            problems.append("--epochs and --max-steps exclude each other: give one")
+        if self.epochs is not None and self.rehearsal_ratio == 1:
+            problems.append("--epochs counts passes over the task rows, and rehearsal_ratio 1 draws none: give "
+                            "--max-steps")
         if self.online_teacher:
             if self.cache:
                 problems.append("--online-teacher trains without a cache: drop --cache (or --online-teacher)")
@@ -407,6 +429,12 @@ def read_config_file(path: str | Path) -> tuple[dict, list[str]]:
     return data, problems
 
 
+def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """top's settings over base's, where a setting in top also replaces its alternative in base (ALTERNATIVES):
+    `--epochs 2` over a config file's `max_steps: 40` trains 2 epochs instead of refusing both."""
+    return {**{k: v for k, v in base.items() if ALTERNATIVES.get(k) not in top}, **top}
+
+
 def load_config(cls: type[CommonConfig], config_file: str | None, flags: dict[str, Any],
                 section: str | None = None, extra_problems: list[str] | None = None) -> Any:
     """Build a config: defaults < config file (shared keys, then `section`) < flags that were given.
@@ -427,11 +455,10 @@ def load_config(cls: type[CommonConfig], config_file: str | None, flags: dict[st
         for k, v in (data.get(section) or {}).items() if isinstance(data.get(section), dict) else []:
             values[k], where_of[k] = v, f"{config_file}: {section}.{k}"
     names = {f.name for f in fields(cls)}
-    for k, v in flags.items():
-        if v is None or (isinstance(v, tuple | list) and not v):
-            continue
-        if k in names:
-            values[k], where_of[k] = v, f"--{k.replace('_', '-')}"
+    given = {k: v for k, v in flags.items()
+             if k in names and v is not None and not (isinstance(v, tuple | list) and not v)}
+    values = overlay(values, given)
+    where_of.update({k: f"--{k.replace('_', '-')}" for k in given})
     kwargs = {}
     for k, v in values.items():
         if k not in names:

@@ -6,6 +6,8 @@ over the steps since the previous line; the line with step 0 is the student befo
 
 With `train --eval-every N`, every N steps and at the end an eval line follows the step's line (eval_record):
 {"step", "eval": true, "task_ce", "kl_topk", "task_rows", "general_rows"}, scored on the cache's held-out rows.
+
+With `--report-to tensorboard` MetricsLog writes the same numbers as TensorBoard scalars under OUT/tb/.
 """
 
 from __future__ import annotations
@@ -20,6 +22,21 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_text
+
+TENSORBOARD_DIR = "tb"
+
+
+def require_tensorboard() -> type:
+    """torch's SummaryWriter, or a one-line PipelineError saying how to install TensorBoard (--report-to)."""
+    try:
+        # torch.utils.tensorboard imports tensorboard; importing it here too sees it missing even when torch's
+        # module was imported earlier in this process.
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PipelineError("--report-to tensorboard: the tensorboard package is not installed; pip install "
+                            "'lwf-pipeline[tensorboard]'") from None
+    return SummaryWriter
 
 
 @dataclass
@@ -53,15 +70,25 @@ class StepStats:
 
 
 class MetricsLog:
-    """OUT/metrics.jsonl, one JSON line per logged step; on resume, lines past the checkpoint are dropped."""
+    """OUT/metrics.jsonl, one JSON line per logged step; on resume, lines past the checkpoint are dropped.
 
-    def __init__(self, path: Path, resume_step: int):
+    With tensorboard=True every line also goes to OUT/tb/: each numeric field but the step as a scalar tagged
+    train/<field>, or eval/<field> for an eval line ("eval": true). [tensorboard resume note] Each run writes
+    a new event file whose first event is a purge at resume_step + 1 (SummaryWriter's purge_step): TensorBoard
+    drops the events an interrupted run wrote past the checkpoint, so it shows each step once, with the
+    resumed run's numbers, as metrics.jsonl does, even if the resumed run is stopped before logging again.
+    """
+
+    def __init__(self, path: Path, resume_step: int, *, tensorboard: bool = False):
         self.path = path
         if path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self.tb = None
+        if tensorboard:
+            self.tb = require_tensorboard()(log_dir=str(path.parent / TENSORBOARD_DIR), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
         try:
@@ -70,12 +97,20 @@ class MetricsLog:
         except OSError as e:  # a full disk; a torn last line is dropped on --resume (see __init__)
             raise PipelineError(f"{self.path}: cannot write: {e.strerror or e}; the checkpoints before it are kept: "
                                 "free space and rerun with --resume") from e
+        if self.tb is not None:
+            kind = "eval" if record.get("eval") else "train"
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{kind}/{key}", value, record["step"])
+            self.tb.flush()
 
     def close(self) -> None:
         # After a failed write the unwritten line is still buffered and close() tries it again; the file is closed
         # either way, and the error has been reported by write().
         with contextlib.suppress(OSError):
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _step_of(line: str) -> int | None:

@@ -21,13 +21,22 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import EvalConfig, SweepConfig, TrainConfig, _coerce, config_differences, load_config
+from pipeline.config import (
+    REPORTING,
+    EvalConfig,
+    SweepConfig,
+    TrainConfig,
+    _coerce,
+    config_differences,
+    load_config,
+    overlay,
+)
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fileio import atomic_write_json, read_json
 from pipeline.reader import open_cache
 from pipeline.report import plot_tradeoff, write_report
-from pipeline.train import train
+from pipeline.train import steps_for_epochs, train
 
 # Train settings that a sweep sets itself, per run.
 PER_RUN = ("cache", "out", "resume", "overwrite")
@@ -96,7 +105,8 @@ def _finished(run_dir: Path, want: TrainConfig) -> bool:
         doc = yaml.safe_load(run_yaml.read_text())
     except yaml.YAMLError as e:
         raise PipelineError(f"{run_yaml}: unreadable ({e}); delete {run_dir} to redo this run") from e
-    diffs = config_differences(doc.get("config", {}), dataclasses.asdict(want), ignore=("resume", "overwrite"))
+    diffs = config_differences(doc.get("config", {}), dataclasses.asdict(want),
+                               ignore=("resume", "overwrite", *REPORTING))
     if diffs:
         key, have, asked = diffs[0]
         raise PipelineError(f"{run_dir}: trained with other settings ({key}: run has {have!r}, asked for {asked!r}); "
@@ -139,12 +149,13 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
     for i, run in enumerate(runs, start=1):
         run_dir = out / run.name
         try:
-            train_cfg = load_config(TrainConfig, None, {**fixed_train, **shared, **run.overrides,
+            train_cfg = load_config(TrainConfig, None, {**overlay({**fixed_train, **shared}, run.overrides),
                                                         "cache": str(cache.path), "out": str(run_dir)})
         except ConfigError as e:
             raise ConfigError([f"run {run.name}: {p}" for p in e.problems]) from None
         if "eval_every" not in {**fixed_train, **run.overrides}:  # training curves, unless the user chose
-            train_cfg = dataclasses.replace(train_cfg, eval_every=max(1, train_cfg.max_steps // 8))
+            steps = train_cfg.max_steps or steps_for_epochs(train_cfg, cache.count("task", "train"))
+            train_cfg = dataclasses.replace(train_cfg, eval_every=max(1, steps // 8))
         eval_path = run_dir / "eval.json"
         done = _finished(run_dir, train_cfg)
         report = _eval_current(eval_path, eval_cfg) if done else None

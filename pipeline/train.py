@@ -14,6 +14,7 @@ With --max-forgetting, kd_lambda is a Lagrange multiplier updated after every st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import time
@@ -26,7 +27,7 @@ import yaml
 
 from pipeline import __version__, distributed
 from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import TrainConfig, config_differences, to_dict
+from pipeline.config import REPORTING, TrainConfig, config_differences, to_dict
 from pipeline.data import draw_step, rehearsal_total
 from pipeline.errors import PipelineError
 from pipeline.evaluate import eval_rows, score_rows
@@ -34,7 +35,15 @@ from pipeline.faults import crash_point
 from pipeline.fileio import atomic_write_text, fsync_dir, remove_tmp_files
 from pipeline.format import CachedRow
 from pipeline.losses import l2_penalty, response_losses
-from pipeline.metrics import MetricsLog, StepStats, eval_record, peak_memory_mb, record, reset_peak_memory
+from pipeline.metrics import (
+    MetricsLog,
+    StepStats,
+    eval_record,
+    peak_memory_mb,
+    record,
+    require_tensorboard,
+    reset_peak_memory,
+)
 from pipeline.models import (
     attach_lora,
     base_of,
@@ -77,6 +86,8 @@ class Run:
     eval_task: list = field(default_factory=list)  # --eval-every: held-out task rows (rank 0 only)
     eval_general: list = field(default_factory=list)  # --eval-every: held-out rehearsal rows (rank 0 only)
     last_eval: dict | None = None  # the last eval line written
+    asked: TrainConfig | None = None  # the config as given (run.yaml, --resume); cfg has --epochs resolved
+    resolved: dict = field(default_factory=dict)  # max_steps and epochs, each implied by the other (run.yaml)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +129,8 @@ def check_resume_settings(cfg: TrainConfig, out: Path, cache_fingerprint: str | 
         doc = yaml.safe_load(run_yaml.read_text()) or {}
     except yaml.YAMLError:
         return
-    diffs = config_differences(doc.get("config", {}), to_dict(cfg), ignore=("resume", "overwrite", *PATH_SETTINGS))
+    diffs = config_differences(doc.get("config", {}), to_dict(cfg),
+                               ignore=("resume", "overwrite", *PATH_SETTINGS, *REPORTING))
     if diffs:
         key, was, now = diffs[0]
         raise PipelineError(f"{out}: --resume with other settings: {key} was {was!r}, now {now!r}; resume with "
@@ -155,12 +167,16 @@ def online_rows(cfg: TrainConfig, tokenizer, log=print) -> MemoryRows:
 def setup(cfg: TrainConfig, log=print) -> Run:
     # Under torchrun each step below runs on every rank and a user error stops all of them alike
     # (distributed.agree); the shards' checksums are read once per machine, the output directory by rank 0 only.
+    asked = cfg
+    if cfg.report_to == "tensorboard":  # before anything slow; rank 0 alone writes the events
+        distributed.agree(lambda: require_tensorboard() if distributed.is_main() else None)
     cache = None if cfg.online_teacher else distributed.agree(
         lambda: open_cache(cfg.cache, verify=distributed.local_rank() == 0))
     source = open_model_source(cfg.model)
     fingerprint = source.fingerprint
 
     def check_inputs() -> tuple[object, object, int, torch.device, str]:
+        nonlocal cfg
         tokenizer = source.tokenizer
         rows = cache
         if rows is None:
@@ -169,6 +185,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
             rows.check_compatible(model_fingerprint=fingerprint, tokenizer_fingerprint=source.tokenizer_fingerprint,
                                   max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
         n_task, n_reh = rows.count("task", "train"), rows.count("rehearsal", "train")
+        cfg = dataclasses.replace(cfg, epochs=None, max_steps=cfg.max_steps or steps_for_epochs(cfg, n_task))
         if cfg.max_forgetting is not None and n_reh == 0:
             raise PipelineError(f"{rows.path}: --max-forgetting is measured on rehearsal examples, and there are no "
                                 "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
@@ -196,7 +213,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         if not distributed.is_main():
             return Path(cfg.out)
         out = prepare_out_dir(cfg)
-        check_resume_settings(cfg, out, cache.fingerprint if cache is not None else None)
+        check_resume_settings(asked, out, cache.fingerprint if cache is not None else None)
         return out
 
     out = distributed.agree(make_out_dir)
@@ -234,8 +251,12 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if ddp is not None:
         log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
             f"per step, {global_batch(cfg)} per step in all")
+    resolved = run_length(cfg, asked.epochs, rows.count("task", "train"))
+    if resolved["epochs"] is not None:
+        log(f"{cfg.max_steps} steps: {resolved['epochs']:g} epochs of {resolved['task_rows']} task rows, "
+            f"{resolved['task_rows_per_step']:g} a step")
     run = Run(cfg, out, rows, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
-              precision, temperature, ddp=ddp, top_k=top_k, online=cache is None)
+              precision, temperature, ddp=ddp, top_k=top_k, online=cache is None, asked=asked, resolved=resolved)
     if cfg.eval_every and distributed.is_main():
         run.eval_task = eval_rows(cache, "task", cfg.eval_limit)
         run.eval_general = eval_rows(cache, "rehearsal", cfg.eval_limit)
@@ -247,6 +268,27 @@ def setup(cfg: TrainConfig, log=print) -> Run:
 def global_batch(cfg: TrainConfig) -> int:
     """Examples per optimiser step over all processes: batch_size * grad_accum * world_size."""
     return cfg.batch_size * cfg.grad_accum * distributed.world_size()
+
+
+def task_rows_per_step(cfg: TrainConfig) -> float:
+    """Task rows an optimiser step draws on average: the global batch less its rehearsal share (DESIGN.md section 6:
+    step s draws round(r*n*s) - round(r*n*(s-1)) rehearsal rows, r*n on average)."""
+    return global_batch(cfg) * (1 - cfg.rehearsal_ratio)
+
+
+def run_length(cfg: TrainConfig, epochs: float | None, task_rows: int) -> dict:
+    """run.yaml's `resolved` block: the steps the run makes and the epochs they are, whichever was given."""
+    per_step = task_rows_per_step(cfg)
+    if epochs is None and task_rows:
+        epochs = round(cfg.max_steps * per_step / task_rows, 4)
+    return {"max_steps": cfg.max_steps, "epochs": epochs, "task_rows": task_rows,
+            "task_rows_per_step": round(per_step, 4)}
+
+
+def steps_for_epochs(cfg: TrainConfig, task_rows: int) -> int:
+    """--epochs as optimiser steps: ceil(epochs * task rows / task rows per step), at least 1. (Rounded to 9
+    decimals first: 1 epoch of 21 rows at 0.7 task rows a step is 30 steps, not 31 from 30.000000000000004.)"""
+    return max(1, math.ceil(round(cfg.epochs * task_rows / task_rows_per_step(cfg), 9)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,7 +495,8 @@ def fit(run: Run, log=print) -> dict:
     # Without a checkpoint (step 0) nothing is kept: the step-0 line is written again below. Under torchrun rank 0
     # alone writes; the logged values are over all ranks (loss_step).
     main = distributed.is_main()
-    metrics = MetricsLog(run.out / "metrics.jsonl", s.step if s.step else -1) if main else None
+    metrics = MetricsLog(run.out / "metrics.jsonl", s.step if s.step else -1,
+                         tensorboard=cfg.report_to == "tensorboard") if main else None
     # A resumed run continues the sums of the unlogged steps and the loss averages from its checkpoint
     # (TrainState), so its metrics lines and divergence check are those of an uninterrupted run.
     bar = tqdm(total=cfg.max_steps, initial=s.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
@@ -532,7 +575,7 @@ def write_run_yaml(run: Run, extra: dict) -> None:
         teacher = {"path": str(run.cache.path), "fingerprint": run.cache.fingerprint, "top_k": run.top_k,
                    "temperature": run.temperature, "max_length": run.cache.manifest["max_length"],
                    "teacher": run.cache.manifest["teacher"]}
-    doc = {"config": to_dict(run.cfg), "cache": teacher,
+    doc = {"config": to_dict(run.asked or run.cfg), "resolved": run.resolved, "cache": teacher,
            "precision": run.precision, "device": str(run.device), "world_size": distributed.world_size(),
            "global_batch": global_batch(run.cfg), "package_version": __version__, **extra}
     atomic_write_text(run.out / "run.yaml", yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
