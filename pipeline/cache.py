@@ -38,6 +38,7 @@ from pipeline.faults import crash_point
 from pipeline.fileio import TMP_MARK, atomic_path, atomic_write_json, read_json, remove_tmp_files, sha256_file
 from pipeline.losses import topk_logprobs
 from pipeline.models import (
+    check_attn,
     forward_hidden,
     load_model,
     load_tokenizer,
@@ -56,7 +57,7 @@ MANIFEST = "manifest.json"
 SHARD_META_KEY = b"pipeline"
 ROW_GROUP_SIZE = 128  # rows per Parquet row group: the unit the reader decodes at a time
 # Settings that decide the content of a cache; a rerun or a reader must agree on all of them.
-SETTINGS_KEYS = ("format_version", "teacher", "quantization", "precision", "tokenizer", "max_length", "top_k",
+SETTINGS_KEYS = ("format_version", "teacher", "quantization", "precision", "attn", "tokenizer", "max_length", "top_k",
                  "temperature", "inputs", "storage", "shard_size", "batch_size", "skip_bad_lines")
 
 
@@ -338,6 +339,7 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
         tokenizer = load_tokenizer(model_dir)
         examples, input_records, counts = prepare(cfg, tokenizer, log)
         device = distributed.place(resolve_device(cfg.device))
+        check_attn(cfg.attn, device)
         precision = resolve_precision(cfg.precision, device)
         vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0))
         id_type = "uint16" if vocab <= np.iinfo(np.uint16).max + 1 else "int32"
@@ -346,6 +348,7 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
             "teacher": {"model": cfg.model, "fingerprint": fingerprint},
             "quantization": quantization_settings(precision),
             "precision": precision,
+            "attn": cfg.attn,  # sdpa and eager attention round differently: the targets can differ slightly
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "max_length": cfg.max_length,
             "top_k": cfg.top_k,
@@ -401,7 +404,7 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
 
     teacher_seconds = 0.0
     if todo:
-        model = load_model(model_dir, device, precision)
+        model = load_model(model_dir, device, precision, attn=cfg.attn)
         crash_point("model_loaded")
         head = output_head(model)
         t_teacher = time.perf_counter()

@@ -43,6 +43,9 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, min:
     return field(default=default, metadata=meta)
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
 @dataclass
 class CommonConfig:
     """Settings every command takes."""
@@ -54,6 +57,9 @@ class CommonConfig:
                          "it (auto), or force bf16/fp32. Log-probs and losses are always fp32.",
                          choices=("auto", "bf16", "fp32"))
     device: str = opt("auto", "cuda, cpu, or auto (CUDA when available).", choices=("auto", "cpu", "cuda"))
+    attn: str = opt("sdpa", "Attention implementation of the model (transformers' attn_implementation); "
+                    "flash_attention_2 needs the flash-attn package and a CUDA GPU.",
+                    choices=ATTN_IMPLEMENTATIONS)
 
     def check(self) -> list[str]:
         """Problems beyond what the field metadata checks; subclasses extend."""

@@ -106,7 +106,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
                            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model = load_model(model_dir, device, precision)
+    model = load_model(model_dir, device, precision, attn=cfg.attn)
     if cfg.adapter:
         model = load_adapter(model, cfg.adapter)
     common = {"pad_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size, "device": device,

@@ -41,13 +41,14 @@ def load_adapter(model, adapter: str | Path):
     return model
 
 
-def load_for_inference(model_name: str, device_name: str, precision_name: str, adapter: str | None = None):
+def load_for_inference(model_name: str, device_name: str, precision_name: str, adapter: str | None = None,
+                       attn: str = "sdpa"):
     """(model, tokenizer, device, precision) for generation/evaluation: the 4-bit base, plus the adapter if given."""
     model_dir = resolve_model(model_name)
     tokenizer = load_tokenizer(model_dir)
     device = resolve_device(device_name)
     precision = resolve_precision(precision_name, device)
-    model = load_model(model_dir, device, precision)
+    model = load_model(model_dir, device, precision, attn=attn)
     if adapter:
         model = load_adapter(model, adapter)
     return model, tokenizer, device, precision
@@ -209,7 +210,7 @@ def make_rehearsal(cfg: RehearsalConfig, log=print) -> RehearsalSummary:
     done = {i for i, ex in enumerate(prompts) if ex.id in done_ids}
     counts = {"empty": 0, "hit": 0, "new": 0}
     if len(done) < len(prompts):
-        model, tokenizer, device, precision = load_for_inference(cfg.model, cfg.device, cfg.precision)
+        model, tokenizer, device, precision = load_for_inference(cfg.model, cfg.device, cfg.precision, attn=cfg.attn)
         prompt_ids = [render_prompt_ids(tokenizer, ex.messages) for ex in prompts]
         temperature = 0.0 if cfg.greedy else cfg.temperature
         try:
@@ -263,7 +264,8 @@ def read_prompts(cfg: GenerateConfig) -> list[Example]:
 def generate(cfg: GenerateConfig) -> list[dict]:
     """Answer the prompts; returns one record per prompt (also written to cfg.out as JSONL if given)."""
     examples = read_prompts(cfg)
-    model, tokenizer, device, precision = load_for_inference(cfg.model, cfg.device, cfg.precision, cfg.adapter)
+    model, tokenizer, device, precision = load_for_inference(cfg.model, cfg.device, cfg.precision, cfg.adapter,
+                                                             attn=cfg.attn)
     prompt_ids = [render_prompt_ids(tokenizer, ex.messages) for ex in examples]
     outs = generate_all(model, tokenizer, prompt_ids, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.temperature, seed=cfg.seed, device=device, precision=precision,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -237,25 +238,42 @@ def weights_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def load_model(model_dir: Path, device: torch.device, precision: str, *, quantize: bool = True):
+def check_attn(attn: str, device: torch.device) -> None:
+    """Refuse an attention implementation that cannot run here, in one line, before any weight is read."""
+    if attn != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise PipelineError("--attn flash_attention_2: the flash-attn package is not installed (pip install "
+                            "flash-attn; it needs a CUDA GPU); use --attn sdpa")
+    if device.type != "cuda":
+        raise PipelineError(f"--attn flash_attention_2 runs on CUDA only, not on {device.type}; use --attn sdpa")
+
+
+def load_model(model_dir: Path, device: torch.device, precision: str, *, quantize: bool = True,
+               attn: str = "sdpa"):
     """Load a causal LM: frozen, eval mode, 4-bit NF4 with double quantisation unless quantize=False.
 
     Unquantised parameters (embeddings, norms, output head) are loaded in `weights_dtype(precision)`; the
     4-bit matmuls compute in bf16 when `precision` is bf16. Used for the teacher and the student alike (see
     the module note).
+
+    Args:
+        attn: transformers' attn_implementation (config.ATTN_IMPLEMENTATIONS); it can change the numbers
+            slightly, so cache-teacher records it.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_transformers()
-    kwargs: dict = {"dtype": weights_dtype(precision), "device_map": {"": device.index or 0} if device.type == "cuda"
-                    else {"": "cpu"}}
+    check_attn(attn, device)
+    kwargs: dict = {"dtype": weights_dtype(precision), "attn_implementation": attn,
+                    "device_map": {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}}
     if quantize:
         q = quantization_settings(precision)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             **{**q, "bnb_4bit_compute_dtype": getattr(torch, q["bnb_4bit_compute_dtype"])})
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise PipelineError(f"{model_dir}: cannot load model: {' '.join(str(e).split())[:300]}") from e
     if quantize:
         _disable_cpu_weight_repacking(model)

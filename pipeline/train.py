@@ -36,6 +36,7 @@ from pipeline.losses import l2_penalty, response_losses, topk_logprobs
 from pipeline.models import (
     attach_lora,
     base_of,
+    check_attn,
     forward_hidden,
     load_model,
     load_tokenizer,
@@ -201,6 +202,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         if cfg.rehearsal_ratio < 1 and n_task == 0:
             raise PipelineError(f"{rows.path}: no task training rows (--task-train)")
         device = distributed.place(resolve_device(cfg.device))
+        check_attn(cfg.attn, device)
         return tokenizer, rows, n_reh, device, resolve_precision(cfg.precision, device)
 
     tokenizer, rows, n_reh, device, precision = distributed.agree(check_inputs)
@@ -216,9 +218,12 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if cache is not None and precision != cache.manifest.get("precision"):
         log(f"note: the cache was computed in {cache.manifest.get('precision')}, training runs in {precision}; "
             "the step-0 KL will not be ~0")
+    if cache is not None and cache.manifest.get("attn", "sdpa") != cfg.attn:
+        log(f"note: the cache was computed with --attn {cache.manifest.get('attn', 'sdpa')}, training runs with "
+            f"{cfg.attn}; the step-0 KL may not be ~0")
 
     torch.manual_seed(cfg.seed)  # LoRA init
-    model = load_model(model_dir, device, precision)
+    model = load_model(model_dir, device, precision, attn=cfg.attn)
     model = attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
     model.train()
