@@ -39,6 +39,7 @@ from pipeline.fileio import TMP_MARK, atomic_path, atomic_write_json, read_json,
 from pipeline.losses import topk_logprobs
 from pipeline.models import (
     check_attn,
+    footprint,
     forward_hidden,
     load_model,
     load_tokenizer,
@@ -405,6 +406,7 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
     teacher_seconds = 0.0
     if todo:
         model = load_model(model_dir, device, precision, attn=cfg.attn)
+        log(footprint(model).describe())
         crash_point("model_loaded")
         head = output_head(model)
         t_teacher = time.perf_counter()

@@ -37,6 +37,7 @@ from pipeline.models import (
     attach_lora,
     base_of,
     check_attn,
+    footprint,
     forward_hidden,
     load_model,
     load_tokenizer,
@@ -249,6 +250,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         log(f"online teacher: top_k {top_k}, T {temperature} (task {rows.count('task', 'train')}, rehearsal "
             f"{n_reh} training rows)")
     log(f"model {cfg.model}: {sum(p.numel() for p in params):,} trainable LoRA parameters, {precision}, {device}")
+    log(footprint(model).describe())
     if ddp is not None:
         log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
             f"per step, {global_batch(cfg)} per step in all")
