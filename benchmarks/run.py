@@ -4,6 +4,7 @@ printed too but only the ratios are compared with the targets).
 
     python benchmarks/run.py --quick --json out.json      # tiny model built here, seconds
     python benchmarks/run.py --json bench.json            # the built-in model on the demo task, minutes
+    python benchmarks/run.py --only loss-memory --json m.json   # the loss-memory figure alone, a few minutes
 
 Figures (keys of --json):
   cache_vs_forward          cache-teacher throughput (response tokens/s: forward + top-k + Parquet) over a
@@ -19,6 +20,10 @@ Figures (keys of --json):
   peak_rss_cached_vs_online_separate
                             peak RSS of cached-KD training over online KD with a separate
                             full-precision teacher in memory (each in its own process)
+  loss_memory_vs_dense      peak memory of the KD loss (CE + k+1-bucket KL, forward + backward through
+                            losses.response_losses) for 8,192 response tokens, H = 4096, V = 128,256, a
+                            random bf16 head, over dense logits for the same tokens (each side in its own
+                            process; --quick: V = 8,192, H = 64)                                    <= 0.25
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the table's ou
 from pipeline.cache import build_cache, prepare  # noqa: E402
 from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
 from pipeline.data import collate, length_batches  # noqa: E402
+from pipeline.losses import response_losses  # noqa: E402
 from pipeline.metrics import peak_memory_mb, reset_peak_memory  # noqa: E402
 from pipeline.models import (  # noqa: E402
     load_model,
@@ -66,6 +72,7 @@ TARGETS = {  # key: (comparison, bound)
     "logprob_max_abs_err": ("<=", 1e-3),
     "read_vs_train": (">=", 20),
     "padding_waste": ("<=", 0.10),
+    "loss_memory_vs_dense": ("<=", 0.25),
 }
 QUIET = {"log": lambda *_: None}
 
@@ -258,6 +265,102 @@ def peak_rss(kind: str, args, work: Path, model: str) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
+# The loss-memory figure: a Llama-3-8B-sized output head (H = 4096, V = 128,256) over 8,192 response tokens; --quick
+# keeps the tokens and the chunk (so the same share of the tokens is in flight) and shrinks the head.
+LOSS_MEMORY_SIZES = {"full": {"tokens": 8192, "hidden": 4096, "vocab": 128256},
+                     "quick": {"tokens": 8192, "hidden": 64, "vocab": 8192}}
+LOSS_MEMORY_TOP_K = 32
+LOSS_MEMORY_DTYPE = torch.bfloat16  # the head and hidden states a bf16 model hands the loss (see bench_loss_memory)
+
+
+def rss_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc/self/status, in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def dense_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor,
+                  teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """The same CE + 0.5 * forward KL (k+1 buckets) written the plain way, with dense logits for every token: one
+    fp32 (N, V) log-softmax, kept for the backward. Lean on purpose (no fp32 copy of the bf16 logits, residual from
+    the k log-probs), so that the ratio to it is not flattered."""
+    logq = torch.log_softmax(hidden @ weight.T, dim=-1, dtype=torch.float32)  # (N, V) <- all tokens at once
+    ce = -logq.gather(-1, labels[:, None]).sum()
+    lq = logq.gather(-1, teacher_ids)  # (N, k)
+    lp = teacher_logprobs.float()
+    p = lp.exp()
+    p_r = (1 - p.sum(-1)).clamp_min(0)
+    q_r = (1 - lq.exp().sum(-1)).clamp_min(1e-12)
+    kl = (p * (lp - lq)).sum() + (torch.xlogy(p_r, p_r) - p_r * q_r.log()).sum()
+    return ce + 0.5 * kl
+
+
+def loss_memory_probe(side: str, size: str) -> None:
+    """Child process: one forward + backward of the KD loss (`chunked`: response_losses at the default chunk size;
+    `dense`: dense_kd_loss), printing the peak resident memory it added above its inputs (MiB)."""
+    dims = LOSS_MEMORY_SIZES[size]
+    n, dim, vocab, k = dims["tokens"], dims["hidden"], dims["vocab"], LOSS_MEMORY_TOP_K
+    chunk_size = TrainConfig.__dataclass_fields__["loss_chunk_size"].default
+    torch.manual_seed(0)
+    weight = torch.randn(vocab, dim, dtype=LOSS_MEMORY_DTYPE).mul_(3 / dim**0.5)  # (V, H), logits of a few units
+    hidden = torch.randn(n, dim, dtype=LOSS_MEMORY_DTYPE).requires_grad_(True)  # (N, H)
+    labels = torch.randint(0, vocab, (n,))
+    # k distinct ids per token (an offset plus a stride) and a teacher putting 0.9 of its mass on them.
+    teacher_ids = (torch.randint(0, vocab, (n, 1)) + torch.arange(k) * (vocab // k)) % vocab
+    teacher_logprobs = (torch.log_softmax(torch.randn(n, k) * 2, dim=-1) + np.log(0.9)).half()
+
+    def loss_of(rows: slice) -> torch.Tensor:
+        args = (hidden[rows], weight, labels[rows])
+        teacher = (teacher_ids[rows], teacher_logprobs[rows])
+        if side == "dense":
+            return dense_kd_loss(*args, *teacher)
+        sums = response_losses(*args, teacher_ids=teacher[0], teacher_logprobs=teacher[1], chunk_size=chunk_size)
+        return sums.ce + 0.5 * sums.kl
+
+    loss_of(slice(0, 16)).backward()  # warm-up: kernels and thread pools are set up before the measurement
+    hidden.grad = None
+    inputs = rss_mib("VmRSS")
+    reset_peak_memory(torch.device("cpu"))
+    if rss_mib("VmHWM") > inputs + 64:
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): no honest peak on this system")
+    t0 = time.perf_counter()
+    loss_of(slice(0, n)).backward()
+    print(json.dumps({"peak_mib": rss_mib("VmHWM") - inputs, "inputs_mib": inputs,
+                      "seconds": time.perf_counter() - t0}))
+
+
+def bench_loss_memory(quick: bool) -> dict:
+    """Peak memory of the KD loss against dense logits, each side in a fresh process (the peak RSS is reset once
+    the inputs exist, so it counts what the loss adds: logits, log-probs, their gradients, autograd's saved
+    tensors).
+
+    [loss memory dtype note] Both sides get a bf16 head and bf16 hidden states, as a bf16 model (issue 16, item 1)
+    hands them over. This is also what the machine allows: dense fp32 inputs and logits would peak near 18 GB, on
+    a 24 GB machine shared with others.
+    """
+    size = "quick" if quick else "full"
+    out: dict = {}
+    for side in ("chunked", "dense"):
+        cmd = [sys.executable, __file__, "--loss-memory-probe", side, "--loss-memory-size", size]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"loss memory probe {side} failed:\n{proc.stderr[-2000:]}")
+        out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    dims = LOSS_MEMORY_SIZES[size]
+    return {
+        "loss_memory_vs_dense": out["chunked"]["peak_mib"] / out["dense"]["peak_mib"],
+        "loss_memory_peak_mib": out["chunked"]["peak_mib"],
+        "dense_memory_peak_mib": out["dense"]["peak_mib"],
+        "loss_memory_inputs_mib": out["chunked"]["inputs_mib"],
+        "loss_memory_s": out["chunked"]["seconds"],
+        "dense_memory_s": out["dense"]["seconds"],
+        "loss_memory_shape": {**dims, "top_k": LOSS_MEMORY_TOP_K, "dtype": str(LOSS_MEMORY_DTYPE).split(".")[-1],
+                              "chunk_size": TrainConfig.__dataclass_fields__["loss_chunk_size"].default},
+    }
+
+
 def machine() -> dict:
     import bitsandbytes
     import transformers
@@ -286,7 +389,11 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="time train steps without recomputation (as the demo config runs)")
+    p.add_argument("--only", choices=["loss-memory"], help="measure this figure alone (loss-memory: a few minutes; "
+                   "with --quick, seconds)")
     p.add_argument("--rss-probe", help=argparse.SUPPRESS)
+    p.add_argument("--loss-memory-probe", choices=["chunked", "dense"], help=argparse.SUPPRESS)
+    p.add_argument("--loss-memory-size", choices=list(LOSS_MEMORY_SIZES), help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model-name", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -294,6 +401,18 @@ def main() -> None:
     if args.rss_probe:
         rss_probe(args.rss_probe, args.model_name, args.work, args.steps, args.batch_size,
                   not args.no_gradient_checkpointing)
+        return
+    if args.loss_memory_probe:
+        loss_memory_probe(args.loss_memory_probe, args.loss_memory_size)
+        return
+    if args.only == "loss-memory":
+        t_start = time.perf_counter()
+        figures = bench_loss_memory(args.quick)
+        figures.update({"machine": machine(), "wall_s": time.perf_counter() - t_start,
+                        "date": time.strftime("%Y-%m-%d")})
+        print_loss_memory(figures)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
         return
     n_examples = args.examples or (24 if args.quick else 224)
     steps = args.steps or (3 if args.quick else 8)
@@ -317,6 +436,7 @@ def main() -> None:
         figures["peak_rss_online_separate_mib"] = peak_rss("online-separate", args, work, model)
         figures["peak_rss_cached_vs_online_separate"] = (figures["peak_rss_cached_mib"]
                                                         / figures["peak_rss_online_separate_mib"])
+    figures.update(bench_loss_memory(args.quick))
     figures.update({"model": "tiny (built here)" if args.quick else model, "batch_size": args.batch_size,
                     "gradient_checkpointing": not args.no_gradient_checkpointing,
                     "top_k": args.top_k, "timed_steps": steps, "machine": machine(),
@@ -325,7 +445,8 @@ def main() -> None:
 
     rows = [(k, figures[k]) for k in ("cache_vs_forward", "kd_vs_sft_step", "online_vs_cached_step",
                                        "sweep4_cached_vs_online", "bytes_per_token", "logprob_max_abs_err",
-                                       "read_vs_train", "padding_waste", "peak_rss_cached_vs_online_separate")]
+                                       "read_vs_train", "padding_waste", "peak_rss_cached_vs_online_separate",
+                                       "loss_memory_vs_dense")]
     print(f"\nbenchmark: {figures['model']}, {figures['device']} ({figures['precision']}), "
           f"{figures['machine']['cores']} cores, torch {figures['machine']['torch']}, "
           f"bitsandbytes {figures['machine']['bitsandbytes']}, {figures['examples']} cached examples, gradient "
@@ -341,8 +462,18 @@ def main() -> None:
         "cache_teacher_loop_s", "plain_forward_s", "cache_tokens_per_s", "plain_forward_tokens_per_s",
         "step_sft_s", "step_kd_s", "step_online_s", "train_tokens_per_s", "reader_rows_per_s",
         "sweep4_cached_s", "sweep4_online_s", "peak_rss_cached_mib", "peak_rss_online_separate_mib", "wall_s")))
+    print_loss_memory(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def print_loss_memory(figures: dict) -> None:
+    shape, ratio = figures["loss_memory_shape"], figures["loss_memory_vs_dense"]
+    print(f"\nloss memory, {shape['tokens']} tokens, H {shape['hidden']}, V {shape['vocab']}, k {shape['top_k']}, "
+          f"{shape['dtype']} head, chunk {shape['chunk_size']}: peak {figures['loss_memory_peak_mib']:.0f} MiB "
+          f"chunked ({figures['loss_memory_s']:.1f} s) against {figures['dense_memory_peak_mib']:.0f} MiB dense "
+          f"({figures['dense_memory_s']:.1f} s), above {figures['loss_memory_inputs_mib']:.0f} MiB of inputs: "
+          f"loss_memory_vs_dense {ratio:.3f} {verdict('loss_memory_vs_dense', ratio)}")
 
 
 if __name__ == "__main__":

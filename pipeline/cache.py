@@ -60,6 +60,8 @@ from pipeline.format import (
     storage_settings,
 )
 from pipeline.models import (
+    check_attn,
+    footprint,
     load_model,
     open_model_source,
     output_head,
@@ -264,6 +266,7 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
         tokenizer = source.tokenizer
         examples, input_records, counts = prepare(cfg, tokenizer, log)
         device = distributed.place(resolve_device(cfg.device))
+        check_attn(cfg.attn, device)
         precision = resolve_precision(cfg.precision, device)
         vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0), output_vocab_size(source.path))
         settings = {
@@ -271,6 +274,7 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
             "teacher": {"model": cfg.model, "fingerprint": fingerprint},
             "quantization": quantization_settings(precision),
             "precision": precision,
+            "attn": cfg.attn,  # sdpa and eager attention round differently: the targets can differ slightly
             "tokenizer": source.tokenizer_fingerprint,
             "max_length": cfg.max_length,
             "top_k": cfg.top_k,
@@ -324,7 +328,8 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
 
     teacher_seconds = 0.0
     if todo:
-        model = load_model(source.path, device, precision)
+        model = load_model(source.path, device, precision, attn=cfg.attn)
+        log(footprint(model).describe())
         crash_point("model_loaded")
         head = output_head(model)
         t_teacher = time.perf_counter()

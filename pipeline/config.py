@@ -65,6 +65,9 @@ def column_problems(columns: dict[str, str]) -> list[str]:
     return problems + [f"columns: {k}= names no column" for k, v in columns.items() if not v]
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
 @dataclass
 class CommonConfig:
     """Settings every command takes."""
@@ -76,6 +79,9 @@ class CommonConfig:
                          "it (auto), or force bf16/fp32. Log-probs and losses are always fp32.",
                          choices=("auto", "bf16", "fp32"))
     device: str = opt("auto", "cuda, cpu, or auto (CUDA when available).", choices=("auto", "cpu", "cuda"))
+    attn: str = opt("sdpa", "Attention implementation of the model (transformers' attn_implementation); "
+                    "flash_attention_2 needs the flash-attn package and a CUDA GPU.",
+                    choices=ATTN_IMPLEMENTATIONS)
 
     def check(self) -> list[str]:
         """Problems beyond what the field metadata checks; subclasses extend."""

@@ -172,7 +172,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     source = open_model_source(cfg.model)
     tokenizer = source.tokenizer
     cache.check_compatible(model_fingerprint=source.fingerprint, tokenizer_fingerprint=source.tokenizer_fingerprint)
-    model, device, precision = load_for_inference(source, cfg.device, cfg.precision, cfg.adapter)
+    model, device, precision = load_for_inference(source, cfg.device, cfg.precision, cfg.adapter, attn=cfg.attn)
     common = {"pad_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size, "device": device,
               "precision": precision, "temperature": cache.temperature}
     report: dict = {"model": cfg.model, "adapter": cfg.adapter, "cache": str(cache.path),

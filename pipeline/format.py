@@ -29,8 +29,8 @@ MANIFEST = "manifest.json"
 SHARD_META_KEY = b"pipeline"
 ROW_GROUP_SIZE = 128  # rows per Parquet row group: the unit the reader decodes at a time
 # Settings that decide the content of a cache; a rerun or a reader must agree on all of them.
-SETTINGS_KEYS = ("format_version", "teacher", "quantization", "precision", "tokenizer", "max_length", "top_k",
-                 "temperature", "inputs", "storage", "shard_size", "batch_size", "skip_bad_lines")
+SETTINGS_KEYS = ("format_version", "teacher", "quantization", "precision", "attn", "tokenizer", "max_length",
+                 "top_k", "temperature", "inputs", "storage", "shard_size", "batch_size", "skip_bad_lines")
 
 REQUIRED_MANIFEST_FIELDS = ("format_version", "teacher", "tokenizer", "max_length", "top_k", "temperature", "shards")
 SHARD_FIELDS = ("file", "role", "split", "rows", "bytes", "sha256")

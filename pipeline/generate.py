@@ -34,7 +34,7 @@ class InverseCdfSampler:
     entry: 77 ms per decoding step for 64 x 49152 scores on 2 CPU cores (softmax included). Inverse-CDF sampling
     (one uniform per row, a cumulative sum, a binary search) draws from the same distribution in 21 ms, most of
     it the softmax and the output mask. No top-k/top-p truncation: make-rehearsal wants the model's full
-    distribution.
+    distribution. Used off CUDA only (sampler_for).
     """
 
     def __init__(self, temperature: float):
@@ -46,6 +46,21 @@ class InverseCdfSampler:
         u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
         token = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
         return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+
+
+class MultinomialSampler(InverseCdfSampler):
+    """As InverseCdfSampler, drawing with torch.multinomial: exact, and fast on CUDA, where [sampling note]'s
+    cost does not arise (the GPU draws the exponentials in parallel)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        token = torch.multinomial(probs, 1)  # (B, 1)
+        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+
+
+def sampler_for(device: torch.device, temperature: float) -> InverseCdfSampler:
+    """The sampling logits processor for a device: torch.multinomial on CUDA, inverse-CDF elsewhere (CPU)."""
+    return MultinomialSampler(temperature) if device.type == "cuda" else InverseCdfSampler(temperature)
 
 
 @torch.inference_mode()
@@ -64,7 +79,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
         att[i, width - len(p):] = 1
     from transformers import LogitsProcessorList
 
-    processors = LogitsProcessorList([InverseCdfSampler(temperature)] if temperature > 0 else [])
+    processors = LogitsProcessorList([sampler_for(device, temperature)] if temperature > 0 else [])
     greedy = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
         model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
@@ -203,7 +218,7 @@ def make_rehearsal(cfg: RehearsalConfig, log=print) -> RehearsalSummary:
     if len(done) < len(prompts):
         source = open_model_source(cfg.model)
         tokenizer = source.tokenizer
-        model, device, precision = load_for_inference(source, cfg.device, cfg.precision)
+        model, device, precision = load_for_inference(source, cfg.device, cfg.precision, attn=cfg.attn)
         prompt_ids = [render_prompt_ids(tokenizer, ex.messages) for ex in prompts]
         temperature = 0.0 if cfg.greedy else cfg.temperature
         try:
@@ -267,7 +282,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     examples = read_prompts(cfg)
     source = open_model_source(cfg.model)
     tokenizer = source.tokenizer
-    model, device, precision = load_for_inference(source, cfg.device, cfg.precision, cfg.adapter)
+    model, device, precision = load_for_inference(source, cfg.device, cfg.precision, cfg.adapter, attn=cfg.attn)
     prompt_ids = [render_prompt_ids(tokenizer, ex.messages) for ex in examples]
     outs = generate_all(model, tokenizer, prompt_ids, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.temperature, seed=cfg.seed, device=device, precision=precision,

@@ -10,7 +10,8 @@ Pure functions of tensors: no model code, no I/O. DESIGN.md section 5 gives the 
 training loop can divide by the token count of the whole optimiser step and apply lambda * T^2 itself.
 
 Memory: the full-vocabulary logits are only ever built for `chunk_size` tokens at a time, in fp32, and (through
-activation checkpointing) the backward pass also rebuilds them one chunk at a time.
+activation checkpointing) the backward pass also rebuilds them one chunk at a time. A bf16 head is used as it is,
+never copied to fp32 (see [low-precision head note]).
 """
 
 from __future__ import annotations
@@ -108,8 +109,20 @@ def per_token_kl(
 def _logits(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, logit_softcap: float | None, dtype: torch.dtype
 ) -> Tensor:
-    """(n, H) hidden -> (n, V) logits in `dtype`, softcapped if asked. The only full-vocabulary tensor's birth."""
-    logits = hidden.to(dtype) @ weight.to(dtype).T  # (n, V) <- the big one, one chunk of tokens only
+    """(n, H) hidden -> (n, V) logits in `dtype`, softcapped if asked. The only full-vocabulary tensor's birth.
+
+    [low-precision head note] A bf16 / fp16 head is never upcast: `weight.to(fp32)` would be an fp32 copy of the
+    whole (V, H) head, in the forward and again in the checkpointed recomputation of every chunk (2 GB at
+    V=128k, H=4096). The matmul runs in the head's dtype (accumulating in fp32 inside the kernel, as HF and Liger
+    compute logits) and only the chunk's (n, V) result is upcast. The logits are then rounded to bf16 once,
+    a relative error of at most 2^-8 (tests/test_losses.py bounds what that does to CE, KL and gradients).
+    Teacher (topk_logprobs) and student take the same path, so step 0 still reproduces the cache. An fp32 head
+    takes the fp32 path below, unchanged.
+    """
+    if torch.finfo(weight.dtype).bits < 32:  # See [low-precision head note].
+        logits = (hidden.to(weight.dtype) @ weight.T).to(dtype)  # (n, V) <- the big one, one chunk of tokens only
+    else:
+        logits = hidden.to(dtype) @ weight.to(dtype).T  # (n, V) <- the big one, one chunk of tokens only
     if bias is not None:
         logits = logits + bias.to(dtype)
     if logit_softcap is not None:

@@ -5,9 +5,10 @@ model ships as one) are dequantised once by transformers and saved as a safetens
 `$PIPELINE_HOME/models/`, so later loads take seconds.
 
 [same numeric path note] The teacher (cache-teacher) and the student (train) call the same `load_model`
-and `forward_hidden`, and both compute the output head and log-softmax in fp32 from the final hidden
-states (losses.py). LoRA's B matrix starts at zero, so the student at step 0 computes exactly what the
-teacher computed, and the KL at step 0 is ~0 up to batch-shape rounding.
+and `forward_hidden` (unquantised weights in the same dtype, see `weights_dtype`), and both apply the
+output head and the log-softmax the same way from the final hidden states (losses.py). LoRA's B matrix
+starts at zero, so the student at step 0 computes exactly what the teacher computed, and the KL at step 0
+is ~0 up to batch-shape rounding.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -258,24 +260,56 @@ def quantization_settings(precision: str) -> dict:
             "bnb_4bit_compute_dtype": "bfloat16" if precision == "bf16" else "float32"}
 
 
-def load_model(model_dir: Path, device: torch.device, precision: str, *, quantize: bool = True):
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype of the unquantised weights (embeddings, norms, output head): the compute dtype, as HF QLoRA
+    loads them. Most checkpoints are stored in bf16, so nothing is lost; an 8B model's embeddings and head take
+    2 GB instead of 4.
+
+    [bf16 weights on cpu note] bf16 on CPU too: it does not slow the CPU path. SmolLM2-135M, precision bf16,
+    batch 8, 2 shared cores (load ~13, so only the ratios mean something): a train step took 135 s (median of
+    6, interleaved) against 145 s with fp32 weights, cache-teacher 206 s against 291 s for 91 examples. The
+    price is the step-0 KL against the cache (batch-shape rounding now also hits the bf16 residual stream and
+    the bf16 logits): 8.4e-5 per token instead of 1.9e-5, still under 1e-4.
+    """
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def check_attn(attn: str, device: torch.device) -> None:
+    """Refuse an attention implementation that cannot run here, in one line, before any weight is read."""
+    if attn != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise PipelineError("--attn flash_attention_2: the flash-attn package is not installed (pip install "
+                            "flash-attn; it needs a CUDA GPU); use --attn sdpa")
+    if device.type != "cuda":
+        raise PipelineError(f"--attn flash_attention_2 runs on CUDA only, not on {device.type}; use --attn sdpa")
+
+
+def load_model(model_dir: Path, device: torch.device, precision: str, *, quantize: bool = True,
+               attn: str = "sdpa"):
     """Load a causal LM: frozen, eval mode, 4-bit NF4 with double quantisation unless quantize=False.
 
-    Unquantised parameters (embeddings, norms, output head) stay fp32; the 4-bit matmuls compute in
-    bf16 when `precision` is bf16. Used for the teacher and the student alike (see the module note).
+    Unquantised parameters (embeddings, norms, output head) are loaded in `weights_dtype(precision)`; the
+    4-bit matmuls compute in bf16 when `precision` is bf16. Used for the teacher and the student alike (see
+    the module note).
+
+    Args:
+        attn: transformers' attn_implementation (config.ATTN_IMPLEMENTATIONS); it can change the numbers
+            slightly, so cache-teacher records it.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_transformers()
-    kwargs: dict = {"dtype": torch.float32, "device_map": {"": device.index or 0} if device.type == "cuda" else
-                    {"": "cpu"}}
+    check_attn(attn, device)
+    kwargs: dict = {"dtype": weights_dtype(precision), "attn_implementation": attn,
+                    "device_map": {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}}
     if quantize:
         q = quantization_settings(precision)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             **{**q, "bnb_4bit_compute_dtype": getattr(torch, q["bnb_4bit_compute_dtype"])})
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise PipelineError(f"{model_dir}: cannot load model: {' '.join(str(e).split())[:300]}") from e
     if quantize:
         _disable_cpu_weight_repacking(model)
@@ -300,11 +334,18 @@ def _disable_cpu_weight_repacking(model) -> None:
 
 
 def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: str, gradient_checkpointing: bool):
-    """Wrap a 4-bit model in a trainable PEFT LoRA adapter (QLoRA)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap a 4-bit model in a trainable PEFT LoRA adapter (QLoRA).
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    [no upcast note] peft's prepare_model_for_kbit_training is not used: it casts every bf16 parameter to fp32,
+    which would undo `weights_dtype` for the student alone (2 GB more for an 8B model's embeddings and head)
+    and make it compute differently from the teacher that wrote the cache. What else it does is done here:
+    freeze the base and turn on non-reentrant gradient checkpointing (which needs no input-grad hook).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets: str | list[str] = target_modules
     if target_modules != "all-linear":
         targets = [t.strip() for t in target_modules.split(",") if t.strip()]
@@ -360,8 +401,64 @@ def base_of(model):
 
 
 @dataclass
+class Footprint:
+    """What a loaded model occupies, in bytes (see `footprint`)."""
+
+    four_bit: int  # packed 4-bit weights, two per byte
+    quant_constants: int  # their quantisation constants: block absmax (itself quantised), codebooks, offset
+    other: dict[str, int]  # every other frozen parameter (embeddings, norms, head), by dtype name
+    trainable: int  # the trainable (LoRA) parameters
+    optimizer_state: int  # AdamW's moments of the trainable parameters
+
+    def describe(self) -> str:
+        """One line for the start of cache-teacher and train."""
+        parts = [f"4-bit weights {mib(self.four_bit)} (+ {mib(self.quant_constants)} quantisation constants)"]
+        parts += [f"{dtype} weights {mib(n)}" for dtype, n in sorted(self.other.items())]
+        if self.trainable:
+            parts.append(f"LoRA {mib(self.trainable)} + AdamW state {mib(self.optimizer_state)}")
+        return "model memory: " + ", ".join(parts)
+
+
+def mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes QuantState, its nested state (double quantisation) included."""
+    if state is None:
+        return []
+    own = [getattr(state, name, None) for name in ("absmax", "code", "offset")]
+    return [t for t in own if isinstance(t, torch.Tensor)] + _quant_state_tensors(getattr(state, "state2", None))
+
+
+def footprint(model, *, optimizer_moments: int = 2) -> Footprint:
+    """Bytes of the model's 4-bit weights, of its other frozen weights by dtype, and of its trainable parameters
+    with the optimiser state they will get (AdamW: `optimizer_moments` tensors like each parameter; it creates
+    them at the first step). A tensor held twice (tied embeddings and head) is counted once.
+    """
+    seen: set[int] = set()
+    four_bit = constants = trainable = 0
+    other: dict[str, int] = {}
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        size = p.numel() * p.element_size()
+        if type(p).__name__ == "Params4bit":
+            four_bit += size
+            constants += sum(t.numel() * t.element_size() for t in _quant_state_tensors(p.quant_state))
+        elif p.requires_grad:
+            trainable += size
+        else:
+            dtype = str(p.dtype).removeprefix("torch.")
+            other[dtype] = other.get(dtype, 0) + size
+    return Footprint(four_bit=four_bit, quant_constants=constants, other=other, trainable=trainable,
+                     optimizer_state=optimizer_moments * trainable)
+
+
+@dataclass
 class OutputHead:
-    """The output projection applied in fp32 by losses.py: logits = hidden @ weight.T + bias (then softcap)."""
+    """The output projection applied by losses.py, chunk by chunk: logits = hidden @ weight.T + bias (then softcap)."""
 
     weight: torch.Tensor  # (V, H)
     bias: torch.Tensor | None
@@ -393,7 +490,7 @@ def forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    body: torch.nn.Module | None = None) -> torch.Tensor:
     """Final hidden states (after the last norm) of the decoder body: (B, T, H).
 
-    The output head is NOT applied here: losses.py applies it in fp32, chunk by chunk, only at the
+    The output head is NOT applied here: losses.py applies it chunk by chunk, with fp32 logits, only at the
     response positions, so no (B, T, V) logits tensor is ever built.
 
     Args:
@@ -451,11 +548,12 @@ def save_adapter(model, path: Path) -> None:
         crash_point("adapter_tmp_written")
 
 
-def load_for_inference(source: ModelSource, device_name: str, precision_name: str, adapter: str | None = None):
+def load_for_inference(source: ModelSource, device_name: str, precision_name: str, adapter: str | None = None,
+                       attn: str = "sdpa"):
     """(model, device, precision) for generation/evaluation: the 4-bit base, plus the adapter if given."""
     device = resolve_device(device_name)
     precision = resolve_precision(precision_name, device)
-    model = load_model(source.path, device, precision)
+    model = load_model(source.path, device, precision, attn=attn)
     if adapter:
         model = load_adapter(model, adapter)
     return model, device, precision

@@ -134,7 +134,7 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
     cache = open_cache(cfg.cache)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    shared = {"model": cfg.model, "seed": cfg.seed, "precision": cfg.precision, "device": cfg.device}
+    shared = {"model": cfg.model, "seed": cfg.seed, "precision": cfg.precision, "device": cfg.device, "attn": cfg.attn}
     rows: list[dict] = []
 
     base_path = out / "base" / "eval.json"

@@ -47,7 +47,9 @@ from pipeline.metrics import (
 from pipeline.models import (
     attach_lora,
     base_of,
+    check_attn,
     eval_mode,
+    footprint,
     forward_hidden,
     load_model,
     open_model_source,
@@ -205,6 +207,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
                                 "steps rounds to no rehearsal example at all; raise --rehearsal-ratio, the batch or "
                                 "--max-steps, or pass --rehearsal-ratio 0")
         device = distributed.place(resolve_device(cfg.device))
+        check_attn(cfg.attn, device)
         return tokenizer, rows, n_reh, device, resolve_precision(cfg.precision, device)
 
     tokenizer, rows, n_reh, device, precision = distributed.agree(check_inputs)
@@ -220,9 +223,12 @@ def setup(cfg: TrainConfig, log=print) -> Run:
     if cache is not None and precision != cache.manifest.get("precision"):
         log(f"note: the cache was computed in {cache.manifest.get('precision')}, training runs in {precision}; "
             "the step-0 KL will not be ~0")
+    if cache is not None and cache.manifest.get("attn", "sdpa") != cfg.attn:
+        log(f"note: the cache was computed with --attn {cache.manifest.get('attn', 'sdpa')}, training runs with "
+            f"{cfg.attn}; the step-0 KL may not be ~0")
 
     torch.manual_seed(cfg.seed)  # LoRA init
-    model = load_model(source.path, device, precision)
+    model = load_model(source.path, device, precision, attn=cfg.attn)
     model = attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
     model.train()
@@ -248,6 +254,7 @@ def setup(cfg: TrainConfig, log=print) -> Run:
         log(f"online teacher: top_k {top_k}, T {temperature} (task {rows.count('task', 'train')}, rehearsal "
             f"{n_reh} training rows)")
     log(f"model {cfg.model}: {sum(p.numel() for p in params):,} trainable LoRA parameters, {precision}, {device}")
+    log(footprint(model).describe())
     if ddp is not None:
         log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
             f"per step, {global_batch(cfg)} per step in all")

@@ -113,6 +113,10 @@ def test_manifest_checksums_and_settings_refused(tiny_model_dir, corpus, tmp_pat
 
     with pytest.raises(PipelineError, match=r"top_k: cache has 8, asked for 5"):
         build_cache(make_cfg(tiny_model_dir, corpus, out, top_k=5), log=lambda *_: None)
+    # The attention implementation can change the numbers (bf16): recorded, and another one is another cache.
+    assert manifest["attn"] == "sdpa"
+    with pytest.raises(PipelineError, match=r"attn: cache has 'sdpa', asked for 'eager'"):
+        build_cache(make_cfg(tiny_model_dir, corpus, out, attn="eager"), log=lambda *_: None)
 
     # Another tokenizer (same vocabulary, other chat template) is another cache.
     other = tmp_path / "other-model"
@@ -165,6 +169,17 @@ def test_bad_lines_give_one_line_errors(tiny_model_dir, tmp_path, content, messa
     import re
 
     assert re.search(message, result.output), result.output
+
+
+def test_flash_attention_without_the_package_is_one_line(tiny_model_dir, corpus, tmp_path):
+    # flash-attn is not installed where the tests run; where it is, CPU is refused instead (also in one line).
+    result = CliRunner().invoke(main, ["cache-teacher", "--model", str(tiny_model_dir), "--task-train",
+                                       str(corpus["task_train"]), "--out", str(tmp_path / "c"), "--attn",
+                                       "flash_attention_2", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("error: --attn flash_attention_2: ") and "--attn sdpa" in result.output
+    assert not (tmp_path / "c").exists()  # refused before anything was written
 
 
 def test_skip_bad_lines_counts(tiny_model_dir, tmp_path):
