@@ -453,6 +453,23 @@ def test_divergence_stops_and_keeps_checkpoint(tiny_model_dir, tiny_cache, tmp_p
     assert not (tmp_path / "r" / "adapter").exists()
 
 
+def test_budget_growing_the_kl_term_is_not_divergence(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
+    """[budget divergence note] A multiplier that grows 50-fold raises the loss, not the CE: training goes on."""
+    import pipeline.train as train_mod
+
+    real, calls = train_mod.loss_step, []
+
+    def kl_term_grows(run, batches, **kw):  # from step 5 on, the KL term is 50x the rest of the loss
+        out = real(run, batches, **kw)
+        calls.append(1)
+        return {**out, "loss": out["loss"] * 50} if len(calls) >= 5 else out
+
+    monkeypatch.setattr(train_mod, "loss_step", kl_term_grows)
+    summary = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", max_steps=8, save_every=100,
+                            max_forgetting=0.01), **QUIET)
+    assert summary["steps"] == 8
+
+
 def test_online_teacher_targets_equal_the_cache(tiny_model_dir, tmp_path):
     from pipeline.reader import collate_rows
     from pipeline.train import online_targets
