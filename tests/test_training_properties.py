@@ -133,7 +133,7 @@ def test_accumulation_8x1_equals_2x4_with_a_data_gradient_on_lora_a(tiny_model_d
     one, four = grads
     a_norm = math.sqrt(sum(g.pow(2).sum().item() for n, g in one.items() if "lora_A" in n))
     b_norm = math.sqrt(sum(g.pow(2).sum().item() for n, g in one.items() if "lora_B" in n))
-    assert a_norm > 0.05 * b_norm > 0  # LoRA A's gradient is the data's, of the size of B's
+    assert a_norm > 0.1 * b_norm > 0  # LoRA A's gradient is the data's, of the size of B's (measured 0.4 x)
     assert_grads_close(four, one, rtol=1e-4)
 
     # Control: normalising each micro-batch by its own token counts (and averaging the 4) gives another gradient,
