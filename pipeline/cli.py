@@ -13,6 +13,7 @@ import sys
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 import click
 
@@ -201,8 +202,14 @@ def evaluate_cmd(config_file: str | None, **flags) -> None:
 @config_options(SweepConfig, TrainConfig, skip=("resume", "overwrite"))
 @user_errors
 def sweep_cmd(config_file: str | None, **flags) -> None:
-    """Train + evaluate several settings from ONE cache (the teacher is never rerun), then write OUT/report.md
-    and OUT/tradeoff.png. Any train flag sets the fixed part of every run. Rerun to resume.
+    """Train + evaluate several settings from ONE cache (the teacher is never rerun), then recommend one run and
+    write OUT/report.md, OUT/tradeoff.png, OUT/curves.png and OUT/recommendation.json. Any train flag sets the
+    fixed part of every run. Rerun to resume.
+
+    The recommended run: among the runs whose task score is within --task-tolerance of the best run's, the one
+    that forgets least (full-vocabulary KL on held-out general prompts); ties go to the cheaper run. When the
+    task score does not separate the runs (e.g. all 0), held-out task CE is used instead (relative tolerance).
+    Its adapter is linked at OUT/recommended/adapter, ready for `generate` and `merge`.
 
     \b
     Examples:
@@ -225,7 +232,9 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     from pipeline.report import report_table
 
     click.echo(report_table(rows))
-    click.echo(f"report: {cfg.out}/report.md, plot: {cfg.out}/tradeoff.png")
+    click.echo(f"report: {cfg.out}/report.md, plots: {cfg.out}/tradeoff.png, {cfg.out}/curves.png")
+    if (Path(cfg.out) / "recommended" / "adapter").exists():
+        click.echo(f"recommended adapter: {cfg.out}/recommended/adapter (why: {cfg.out}/recommendation.json)")
 
 
 @main.command("make-rehearsal")

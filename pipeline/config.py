@@ -233,12 +233,18 @@ class SweepConfig(CommonConfig):
     """`pipeline sweep`: train + evaluate each setting from ONE cache and write a report."""
 
     cache: str | None = opt(None, "Cache directory written by cache-teacher (never recomputed).", required=True)
-    out: str | None = opt(None, "Sweep directory: one sub-directory per run, report.md, tradeoff.png.", required=True)
+    out: str | None = opt(None, "Sweep directory: one sub-directory per run, report.md, tradeoff.png, curves.png, "
+                          "recommendation.json, recommended/adapter.", required=True)
     lambdas: list[float] = opt([], "Comma-separated kd_lambda values, e.g. 0,0.5,1.")
     grid: list[str] = opt([], "key=v1,v2 over any train setting (repeatable), e.g. lora_r=4,8,16.", repeat=True)
     runs: list[dict] = opt([], "Extra runs, each a mapping of train settings (config file only).")
     eval_limit: int | None = opt(None, "Score at most N examples of each eval set per run (overrides evaluate.limit).",
                                  positive=True)
+    task_tolerance: float = opt(0.02, "The recommendation: among the runs whose task score is within this of the "
+                                "best run's (absolute: 0.02 = 2 points of exact match), the one with the least "
+                                "forgetting (full-vocabulary KL); ties go to the cheaper run. When the task score does "
+                                "not separate the runs, task CE is used and the tolerance is relative (0.02 = 2%).",
+                                min=0)
 
 
 @dataclass

@@ -1,16 +1,163 @@
-"""The sweep's outputs for people: the report table (report.md) and the trade-off plot (tradeoff.png).
+"""The sweep's outputs for people: the recommendation, the report table (report.md), the trade-off plot
+(tradeoff.png) and the training curves (curves.png).
 
-Pure presentation of rows that sweep.py collected (one per run, each with its evaluate report); nothing
-here trains or scores.
+Pure presentation of the rows that sweep.py collected (one per run, each with its evaluate report and the eval
+lines of its metrics.jsonl); nothing here trains, scores or touches a run directory. The recommendation:
+
+    1. candidates: the trained runs (never the base) whose task score is within `tolerance` of the best run's;
+    2. the pick: the candidate that forgets least (full-vocabulary KL(base || tuned) on held-out general
+       prompts); ties go to the cheaper run (train time).
+
+When the task score does not separate the trained runs (all equal, e.g. all 0 after a few steps of a hard task,
+or not scored), step 1 uses held-out task CE instead: lower is better and the tolerance is relative (CE at most
+(1 + tolerance) x the best run's). The report, the plot and recommendation.json say which rule was used.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.fileio import atomic_path, atomic_write_text
+
+SCORE = "exact_match"  # the task's own score in evaluate's report (higher is better)
+SCORE_LABEL = "task exact match"
+# [float tolerance note] 0.50 - 0.48 is 0.020000000000000018 in floats: a run exactly at the tolerance edge
+# must count as within it, so comparisons allow this much slack (far below any score's resolution).
+EDGE = 1e-9
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """The figures of one run that the report, the plot and the recommendation use (None where not measured)."""
+
+    name: str
+    score: float | None  # task exact match, 0..1
+    examples: int | None  # task eval examples behind `score`
+    task_ce: float | None
+    kl: float | None  # forgetting: full-vocabulary KL(base || tuned), per token
+    top1_agreement: float | None
+    kl_topk: float | None  # cached k+1 buckets: a lower bound of `kl`
+    general_ce: float | None
+    base_general_ce: float | None
+    train_seconds: float | None
+
+    @property
+    def score_error(self) -> float | None:
+        return sampling_error(self.score, self.examples)
+
+
+def sampling_error(p: float | None, n: int | None) -> float | None:
+    """Standard error of a proportion p measured on n examples: sqrt(p (1 - p) / n)."""
+    if p is None or not n:
+        return None
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def run_figures(row: dict) -> RunFigures:
+    """A sweep row's figures; keys an older or partial evaluate report lacks become None."""
+    ev = row.get("eval") or {}
+    task, forget = ev.get("task") or {}, ev.get("forgetting") or {}
+    return RunFigures(name=row["name"], score=task.get(SCORE), examples=task.get("examples"), task_ce=task.get("ce"),
+                      kl=forget.get("kl"), top1_agreement=forget.get("top1_agreement"), kl_topk=forget.get("kl_topk"),
+                      general_ce=forget.get("ce"), base_general_ce=forget.get("base_ce"),
+                      train_seconds=row.get("train_seconds"))
+
+
+def choose_rule(runs: list[RunFigures]) -> str:
+    """"task_score" when the task score separates the trained runs, else "task_ce" (see the module docstring)."""
+    scores = [r.score for r in runs]
+    if not scores or None in scores:
+        return "task_ce"
+    # One run needs no separating; several that all score the same (e.g. all 0) do.
+    return "task_score" if len(scores) == 1 or max(scores) - min(scores) > EDGE else "task_ce"
+
+
+@dataclass
+class Recommendation:
+    """The picked run and why; `to_json()` is recommendation.json."""
+
+    name: str
+    rule: str  # "task_score" or "task_ce"
+    tolerance: float
+    tolerance_kind: str  # "absolute" (task score) or "relative" (task CE)
+    reason: str  # why this run, one or two sentences
+    fallback: str | None  # the sentence saying the task score did not separate the runs
+    warning: str | None  # the tolerance is below the sampling error
+    candidates: list[str]  # the runs within the tolerance, best first
+    figures: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _kl_key(r: RunFigures) -> tuple[float, float]:
+    """Least forgetting first; ties (equal to 6 significant digits) go to the cheaper run."""
+    kl = float(f"{r.kl:.6g}") if r.kl is not None else math.inf
+    return kl, r.train_seconds if r.train_seconds is not None else math.inf
+
+
+def recommend(rows: list[dict], tolerance: float) -> Recommendation | None:
+    """The run to use: within `tolerance` of the best task score, the one that forgets least (module docstring).
+
+    Args:
+        rows: sweep rows (name, eval, train_seconds); the row named "base" is never picked.
+        tolerance: absolute on the task score (0.02 = 2 points of exact match); relative on task CE.
+    Returns:
+        None when no trained run has a task score or a task CE.
+    """
+    runs = [run_figures(r) for r in rows if r["name"] != "base"]
+    rule = choose_rule(runs)
+    if rule == "task_score":
+        best = max(runs, key=lambda r: r.score)
+        within = [r for r in runs if best.score - r.score <= tolerance + EDGE]
+        measure = f"task exact match is within {tolerance:g} of the best ({best.score:.3f}, {best.name})"
+        fallback = None
+    else:
+        runs = [r for r in runs if r.task_ce is not None]
+        if not runs:
+            return None
+        best = min(runs, key=lambda r: r.task_ce)
+        within = [r for r in runs if r.task_ce <= best.task_ce * (1 + tolerance) + EDGE]
+        percent = f"{tolerance * 100:g}%"
+        measure = f"held-out task CE is within {percent} of the best ({best.task_ce:.4f}, {best.name})"
+        scores = {r.score for r in runs}
+        why = f"all {scores.pop():.3f}" if len(scores) == 1 and None not in scores else "not scored for every run"
+        fallback = (f"The task exact match does not separate the runs ({why}), so the pick uses held-out task CE "
+                    f"instead (lower is better; the tolerance is then relative: within {percent} of the best CE).")
+    within.sort(key=_kl_key)
+    pick = within[0]
+    if len(within) == 1:
+        reason = f"{pick.name} is the only run whose {measure}."
+    else:
+        others = ", ".join(f"{r.name}: {_fmt(r.kl)}" for r in within[1:])
+        reason = (f"Of the {len(within)} runs whose {measure}, {pick.name} forgets least (forgetting KL "
+                  f"{_fmt(pick.kl)}, against {others}).")
+        tied = [r for r in within[1:] if _kl_key(r)[0] == _kl_key(pick)[0]]
+        if tied:
+            cheaper = ("trained in less time" if _kl_key(tied[0])[1] > _kl_key(pick)[1] else
+                       "trained in no more time and is listed first")
+            reason += (f" It ties on forgetting with {', '.join(r.name for r in tied)} and {cheaper} "
+                       f"({_fmt(pick.train_seconds, 0)} s against {_fmt(tied[0].train_seconds, 0)} s).")
+    left_out = [r.name for r in runs if r not in within]
+    if left_out:
+        reason += f" Left out as learning less of the task: {', '.join(left_out)}."
+    warning = None
+    error = best.score_error if rule == "task_score" else None
+    if error is not None and tolerance < error:
+        warning = (f"The tolerance ({tolerance:g}) is below the sampling error of the best run's task score "
+                   f"(+/- {error:.3f} on {best.examples} examples): runs as good within that error may have been "
+                   "left out; raise --task-tolerance or score more examples.")
+    figures = {"task_exact_match": pick.score, "task_exact_match_error": pick.score_error,
+               "task_examples": pick.examples, "task_ce": pick.task_ce, "forgetting_kl": pick.kl,
+               "top1_agreement": pick.top1_agreement, "kl_topk": pick.kl_topk, "general_ce": pick.general_ce,
+               "base_general_ce": pick.base_general_ce, "train_seconds": pick.train_seconds}
+    return Recommendation(name=pick.name, rule=rule, tolerance=tolerance,
+                          tolerance_kind="absolute" if rule == "task_score" else "relative", reason=reason,
+                          fallback=fallback, warning=warning, candidates=[r.name for r in within], figures=figures)
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -21,67 +168,179 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _fmt_score(r: RunFigures) -> str:
+    if r.score is None:
+        return "-"
+    error = r.score_error
+    return f"{r.score:.3f} ± {error:.3f}" if error is not None else f"{r.score:.3f}"
+
+
 def report_table(rows: list[dict]) -> str:
-    """Markdown table, one row per run: setting, task score, task CE, forgetting KL, general CE, train time."""
-    head = ["run", "kd_lambda", "rehearsal", "kd_on", "task exact match", "task CE", "forgetting KL", "general CE",
-            "train time (s)"]
+    """Markdown table, one row per run: setting, task score +/- error, task CE, forgetting figures, train time."""
+    head = ["run", "kd_lambda", "rehearsal", "kd_on", f"{SCORE_LABEL} ± error", "task CE", "forgetting KL (full vocab)",
+            "top-1 agreement", "KL top-k (lower bound)", "general CE", "train time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        ev = r.get("eval", {})
-        task, forget = ev.get("task", {}), ev.get("forgetting", {})
+    for row in rows:
+        r = run_figures(row)
         lines.append("| " + " | ".join([
-            r["name"], _fmt(r.get("kd_lambda"), 2), _fmt(r.get("rehearsal_ratio"), 2), r.get("kd_on") or "-",
-            _fmt(task.get("exact_match"), 3), _fmt(task.get("ce")), _fmt(forget.get("kl")), _fmt(forget.get("ce")),
-            _fmt(r.get("train_seconds"), 0)]) + " |")
+            r.name, _fmt(row.get("kd_lambda"), 2), _fmt(row.get("rehearsal_ratio"), 2), row.get("kd_on") or "-",
+            _fmt_score(r), _fmt(r.task_ce), _fmt(r.kl), _fmt(r.top1_agreement, 3), _fmt(r.kl_topk), _fmt(r.general_ce),
+            _fmt(r.train_seconds, 0)]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, rows: list[dict], *, command: str, extra: str = "") -> Path:
-    """OUT/report.md: the table, the command and the date."""
+def recommendation_text(rec: Recommendation | None) -> str:
+    """The report's opening paragraph: the pick, why, the fallback sentence and the warning."""
+    if rec is None:
+        return "**No recommendation**: no trained run has a task score or a task CE.\n"
+    text = f"**Recommended: `{rec.name}`** (adapter: `recommended/adapter`). {rec.reason}"
+    if rec.fallback:
+        text += f" {rec.fallback}"
+    text += ("\n\nThe rule: among the trained runs whose task score is within the tolerance (`--task-tolerance`) "
+             "of the best run's, the one with the least forgetting (full-vocabulary KL); ties go to the cheaper run.\n")
+    if rec.warning:
+        text += f"\n> **Warning**: {rec.warning}\n"
+    return text
+
+
+def write_report(out: Path, rows: list[dict], rec: Recommendation | None, *, command: str, curves: bool = False,
+                 extra: str = "") -> Path:
+    """OUT/report.md: the recommendation and why, the table, what each column is, the plots, command and date."""
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    text = (f"# Sweep report\n\nCommand: `{command}`  \nDate: {date}  \npipeline {__version__}\n\n"
-            + report_table(rows) + "\n"
-            "Task exact match: greedy answer equals the reference (higher is better). Forgetting KL: mean per-token "
-            "KL(base || tuned) on held-out general prompts (lower is better; 0 for the base model). General CE: "
-            "cross-entropy of the held-out general answers under the model.\n" + extra)
+    has_full_kl = any((r.get("eval") or {}).get("forgetting", {}).get("kl_topk") is not None for r in rows)
+    kl_note = ("mean per-token KL(base || tuned) over the full vocabulary on held-out general prompts, base = the same "
+               "model with the adapter off (lower is better; 0 for the base model)" if has_full_kl else
+               "mean per-token KL(base || tuned) on held-out general prompts, over the cached top-k + 1 buckets (these "
+               "reports predate the full-vocabulary figure: a lower bound)")
+    text = ("# Sweep report\n\n" + recommendation_text(rec) + "\n" + report_table(rows) + "\n"
+            f"* {SCORE_LABEL}: greedy answer equals the reference (higher is better), ± its sampling error "
+            "sqrt(p (1 - p) / n) over the n held-out examples.\n"
+            "* task CE: per-token cross-entropy of the held-out task answers (lower is better).\n"
+            f"* forgetting KL: {kl_note}.\n"
+            "* top-1 agreement: share of those positions where the tuned and the base model's most likely next token "
+            "agree (1 for the base model).\n"
+            "* KL top-k: the same KL over the cached top-k + 1 buckets: cheap, and a lower bound of the full figure.\n"
+            "* general CE: cross-entropy of the held-out general answers under the model (the base row: the base "
+            "model's).\n\n"
+            "![task score against forgetting](tradeoff.png)\n"
+            + ("\n![task CE and forgetting against step](curves.png)\n" if curves else
+               "\n(No curves.png: the runs logged no eval lines; train with --eval-every N.)\n")
+            + f"\nCommand: `{command}`  \nDate: {date}  \npipeline {__version__}\n" + extra)
     atomic_write_text(out / "report.md", text)
     return out / "report.md"
 
 
-def plot_tradeoff(out: Path, rows: list[dict]) -> Path | None:
-    """OUT/tradeoff.png: task score against forgetting KL, one labelled point per run (base included)."""
+def pareto_front(points: list[tuple[str, float, float]], *, higher_is_better: bool) -> list[str]:
+    """Names of the points no other point beats on both axes (x: forgetting, lower is better), by x ascending."""
+    sign = 1 if higher_is_better else -1
+    front, best = [], -math.inf
+    for name, _, y in sorted(points, key=lambda p: (p[1], -sign * p[2])):
+        if sign * y > best + EDGE:
+            front.append(name)
+            best = sign * y
+    return front
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(r["name"], r["eval"]["forgetting"]["kl"], r["eval"]["task"].get("exact_match"))
-              for r in rows if r.get("eval", {}).get("forgetting") and r.get("eval", {}).get("task")]
-    points = [p for p in points if p[2] is not None]
+    return plt
+
+
+def draw_tradeoff(ax, rows: list[dict], rec: Recommendation | None) -> str | None:
+    """Task score (or task CE, when the rule fell back to it) against forgetting KL, one labelled point per run,
+    the Pareto front dashed and the pick ringed; returns the name of the ringed run (None if nothing ringed)."""
+    runs = [run_figures(r) for r in rows]
+    rule = rec.rule if rec else choose_rule([r for r in runs if r.name != "base"])
+    use_score = rule == "task_score"
+    points = [(r.name, r.kl, r.score if use_score else r.task_ce) for r in runs]
+    points = [p for p in points if p[1] is not None and p[2] is not None]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    errors = {r.name: r.score_error for r in runs}
     positive = [kl for name, kl, _ in points if name != "base" and kl > 0]
     if positive and max(positive) > 10 * min(positive):
         # Forgetting spans orders of magnitude (plain QLoRA far right, the distilled runs crowded near 0):
         # logarithmic above the smallest run's KL, linear below it so that the base model's 0 has a place.
         ax.set_xscale("symlog", linthresh=min(positive) / 2, linscale=0.5)
+    front = pareto_front(points, higher_is_better=use_score)
+    xy = {name: (kl, y) for name, kl, y in points}
+    ax.plot([xy[n][0] for n in front], [xy[n][1] for n in front], ls="--", lw=1, color="tab:green",
+            drawstyle="steps-post" if len(front) > 1 else "default", label="Pareto front", zorder=2)
     span = (max(p[2] for p in points) - min(p[2] for p in points)) or 1.0
-    for name, kl, score in points:
-        ax.scatter(kl, score, s=36, color="tab:gray" if name == "base" else "tab:blue", zorder=3)
+    for name, kl, y in points:
+        err = errors.get(name) if use_score else None
+        ax.errorbar(kl, y, yerr=err, fmt="o", ms=6, capsize=3, zorder=3,
+                    color="tab:gray" if name == "base" else "tab:blue")
         # Label above-right, or below-right when a point just above and to the right would cover the label.
-        crowded = any(0 <= s2 - score < 0.06 * span and k2 > kl for n2, k2, s2 in points if n2 != name)
-        ax.annotate(name, (kl, score), textcoords="offset points", xytext=(6, -11 if crowded else 4), fontsize=8)
+        crowded = any(0 <= (y2 - y) * (1 if use_score else -1) < 0.06 * span and k2 > kl
+                      for n2, k2, y2 in points if n2 != name)
+        ax.annotate(name, (kl, y), textcoords="offset points", xytext=(6, -11 if crowded else 4), fontsize=8)
+    ringed = None
+    if rec is not None and rec.name in xy:
+        ring = ax.scatter([xy[rec.name][0]], [xy[rec.name][1]], s=320, facecolors="none", edgecolors="tab:red",
+                          linewidths=2, zorder=4, label=f"recommended: {rec.name}")
+        ring.set_gid("recommended")
+        ringed = rec.name
     scale = ", log scale" if ax.get_xscale() == "symlog" else ""
     ax.set_xlabel(f"forgetting: KL(base || tuned) on held-out general prompts{scale}  (lower is better)")
-    ax.set_ylabel("task exact match  (higher is better)")
-    ax.set_title("Learned vs forgotten")
+    if use_score:
+        ax.set_ylabel(f"{SCORE_LABEL} ± sampling error  (higher is better)")
+        ax.set_title("Learned vs forgotten")
+    else:
+        ax.set_ylabel("held-out task CE  (lower is better)")
+        ax.set_title("Learned vs forgotten (task CE: the exact match does not separate the runs)", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     if ax.get_xscale() == "linear":
         ax.set_xlim(left=min(0.0, *(p[1] for p in points)) - 0.002)
-    fig.tight_layout()
-    path = out / "tradeoff.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    return ringed
+
+
+def plot_tradeoff(out: Path, rows: list[dict], rec: Recommendation | None = None) -> str | None:
+    """OUT/tradeoff.png (see draw_tradeoff); returns the name of the ringed run, or None (nothing ringed or no plot)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    try:
+        ringed = draw_tradeoff(ax, rows, rec)
+        if ax.has_data():
+            fig.tight_layout()
+            with atomic_path(out / "tradeoff.png") as tmp:
+                fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return ringed
+
+
+def plot_curves(out: Path, rows: list[dict]) -> Path | None:
+    """OUT/curves.png: held-out task CE and forgetting (cached top-k KL) against step, one line per run, from
+    the eval lines of each run's metrics.jsonl (row["curve"]); None, and no file, when no run has any."""
+    curves = {r["name"]: r.get("curve") or [] for r in rows if r["name"] != "base"}
+    if not any(curves.values()):
+        return None
+    plt = _pyplot()
+    fig, (ax_ce, ax_kl) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    try:
+        for name, points in curves.items():
+            for ax, key in ((ax_ce, "task_ce"), (ax_kl, "kl_topk")):
+                pts = [(p["step"], p[key]) for p in points if p.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name)
+        ax_ce.set_ylabel("held-out task CE  (lower is better)")
+        ax_kl.set_ylabel("forgetting: cached top-k KL (a lower bound)")
+        for ax in (ax_ce, ax_kl):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        ax_ce.legend(fontsize=8)
+        ax_ce.set_title("Task: has it levelled off?", fontsize=10)
+        ax_kl.set_title("Forgetting during training", fontsize=10)
+        fig.tight_layout()
+        path = out / "curves.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -1,13 +1,16 @@
-"""`pipeline sweep`: train + evaluate several settings from ONE cache, then write report.md and tradeoff.png.
+"""`pipeline sweep`: train + evaluate several settings from ONE cache, then recommend one and report.
 
 The teacher is never run here: every run trains against the same cached targets, which is what makes a
 lambda sweep cost only training. The base model is evaluated once as the baseline row. An interrupted
 sweep resumes: finished runs (eval.json written) are kept, a run with checkpoints continues from them.
+Then report.py picks the run to use (within --task-tolerance of the best task score, the one that forgets
+least) and draws the table and plots; this module hands its adapter over in OUT/recommended/.
 
     OUT/
       base/eval.json
       <run name>/{adapter/, metrics.jsonl, run.yaml, checkpoints/, eval.json}
-      report.md, tradeoff.png
+      report.md, tradeoff.png, curves.png, rows.json, recommendation.json
+      recommended/{adapter -> ../<picked run>/adapter, README.md}
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import json
+import shutil
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,9 +38,9 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.fileio import atomic_write_json, read_json
+from pipeline.fileio import atomic_dir, atomic_write_json, read_json
 from pipeline.reader import open_cache
-from pipeline.report import plot_tradeoff, write_report
+from pipeline.report import Recommendation, plot_curves, plot_tradeoff, recommend, write_report
 from pipeline.train import steps_for_epochs, train
 
 # Train settings that a sweep sets itself, per run.
@@ -171,9 +176,64 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
             log(f"== run {i}/{len(runs)}: {run.name} (finished earlier, kept)")
         summary = yaml.safe_load((run_dir / "run.yaml").read_text()).get("summary", {})
         rows.append({"name": run.name, "kd_lambda": train_cfg.kd_lambda, "rehearsal_ratio": train_cfg.rehearsal_ratio,
-                     "kd_on": train_cfg.kd_on, "eval": report, "train_seconds": summary.get("train_seconds")})
+                     "kd_on": train_cfg.kd_on, "eval": report, "train_seconds": summary.get("train_seconds"),
+                     "curve": eval_curve(run_dir / "metrics.jsonl")})
 
-    write_report(out, rows, command=command)
-    plot_tradeoff(out, rows)
-    atomic_write_json(out / "rows.json", rows)
+    write_outputs(out, rows, cfg.task_tolerance, command=command, log=log)
     return rows
+
+
+def write_outputs(out: Path, rows: list[dict], tolerance: float, *, command: str, log=print) -> Recommendation | None:
+    """Everything a sweep hands over once its runs are evaluated: the recommendation (recommendation.json and
+    OUT/recommended/), report.md, tradeoff.png, curves.png and rows.json."""
+    rec = recommend(rows, tolerance)
+    if rec is not None:
+        write_recommended(out, rec)
+        atomic_write_json(out / "recommendation.json",
+                          {**rec.to_json(), "adapter": str(out / "recommended" / "adapter"),
+                           "run_adapter": str(out / rec.name / "adapter")})
+        log(f"recommended: {rec.name}. {rec.reason}" + (f" {rec.fallback}" if rec.fallback else ""))
+    else:
+        (out / "recommendation.json").unlink(missing_ok=True)
+    curves = plot_curves(out, rows)
+    if curves is None:
+        (out / "curves.png").unlink(missing_ok=True)  # not one left from an earlier sweep with other runs
+    plot_tradeoff(out, rows, rec)
+    write_report(out, rows, rec, command=command, curves=curves is not None)
+    atomic_write_json(out / "rows.json", rows)
+    return rec
+
+
+def eval_curve(metrics: Path) -> list[dict]:
+    """The eval lines of a run's metrics.jsonl (train --eval-every): step, task_ce, kl_topk; [] when none."""
+    if not metrics.is_file():
+        return []
+    points = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of an interrupted run
+        if isinstance(doc, dict) and doc.get("eval") and "step" in doc:
+            points.append({"step": doc["step"], "task_ce": doc.get("task_ce"),
+                           "kl_topk": doc.get("kl_topk", doc.get("kl"))})
+    return points
+
+
+def write_recommended(out: Path, rec: Recommendation) -> Path:
+    """OUT/recommended/: `adapter`, a relative link to ../<run>/adapter (a copy where links cannot be made), and
+    a README naming the run; replaced as a whole, so a rerun that picks another run leaves no trace of the old."""
+    target = Path("..") / rec.name / "adapter"
+    with atomic_dir(out / "recommended") as tmp:
+        try:
+            (tmp / "adapter").symlink_to(target, target_is_directory=True)
+            how = f"`adapter` is a link to `{target}`"
+        except OSError:  # no symlinks here (some Windows and network file systems): a real copy, a few MB
+            shutil.copytree(out / rec.name / "adapter", tmp / "adapter")
+            how = f"`adapter` is a copy of `{rec.name}/adapter` (this file system cannot hold links)"
+        (tmp / "README.md").write_text(
+            f"# The recommended run: {rec.name}\n\n{rec.reason}" + (f" {rec.fallback}" if rec.fallback else "")
+            + f"\n\n{how}. Use it with\n\n    pipeline generate --adapter {out}/recommended/adapter --prompt ...\n"
+            f"    pipeline merge --adapter {out}/recommended/adapter --out merged/\n\nSee ../report.md and "
+            "../recommendation.json.\n", encoding="utf-8")
+    return out / "recommended"

@@ -207,6 +207,15 @@ def test_sweep_reuses_cache_resumes_and_reports(tiny_model_dir, eval_cache, tmp_
     assert [line.split("|")[1].strip() for line in table] == ["base", "kd_lambda=0", "kd_lambda=1", "plain-qlora"]
     assert (tmp_path / "s" / "tradeoff.png").stat().st_size > 1000
     assert rows[3]["rehearsal_ratio"] == 0.0 and rows[1]["kd_lambda"] == 0.0
+    # The recommendation names a trained run, and its adapter is handed over ready for generate.
+    rec = json.loads((tmp_path / "s" / "recommendation.json").read_text())
+    assert rec["name"] in ("kd_lambda=0", "kd_lambda=1", "plain-qlora") and report.split("\n\n")[1].startswith(
+        f"**Recommended: `{rec['name']}`**")
+    recommended = tmp_path / "s" / "recommended" / "adapter"
+    assert recommended.resolve() == (tmp_path / "s" / rec["name"] / "adapter").resolve()
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_model_dir), "--adapter", str(recommended),
+                                       "--prompt", "Hello", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
 
     # Interrupted sweep: one run lost its evaluation, another its whole directory. The rest is kept.
     (tmp_path / "s" / "kd_lambda=1" / "eval.json").unlink()
