@@ -260,18 +260,20 @@ def quantization_settings(precision: str) -> dict:
             "bnb_4bit_compute_dtype": "bfloat16" if precision == "bf16" else "float32"}
 
 
-def weights_dtype(precision: str) -> torch.dtype:
-    """The dtype of the unquantised weights (embeddings, norms, output head): the compute dtype, as HF QLoRA
-    loads them. Most checkpoints are stored in bf16, so nothing is lost; an 8B model's embeddings and head take
-    2 GB instead of 4.
+def weights_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the unquantised weights (embeddings, norms, output head): on CUDA the compute dtype, as HF
+    QLoRA loads them (most checkpoints are stored in bf16, so nothing is lost; an 8B model's embeddings and head
+    take 2 GB instead of 4); fp32 on CPU.
 
-    [bf16 weights on cpu note] bf16 on CPU too: it does not slow the CPU path. SmolLM2-135M, precision bf16,
-    batch 8, 2 shared cores (load ~13, so only the ratios mean something): a train step took 135 s (median of
-    6, interleaved) against 145 s with fp32 weights, cache-teacher 206 s against 291 s for 91 examples. The
-    price is the step-0 KL against the cache (batch-shape rounding now also hits the bf16 residual stream and
-    the bf16 logits): 8.4e-5 per token instead of 1.9e-5, still under 1e-4.
+    [fp32 weights on cpu note] bf16 weights do not slow the CPU path (SmolLM2-135M, batch 8, 2 shared cores:
+    a train step 135 s against 145 s with fp32 weights, interleaved), but they break step 0: the cache and the
+    training batches differ in shape, the attention and matmul kernels then round differently, and with a bf16
+    residual stream and bf16 logits those differences no longer vanish. Step-0 KL against the cache on the
+    built-in model (12 demo notes + 4 general rows, batch 4): 1.8e-4 per token with bf16 weights (1.2e-4 with
+    the logits in fp32), 4.9e-6 with fp32 weights; the bound is 1e-4. On CUDA the same check is still to be
+    run (issue 16, item 6).
     """
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
 
 
 def check_attn(attn: str, device: torch.device) -> None:
@@ -289,7 +291,7 @@ def load_model(model_dir: Path, device: torch.device, precision: str, *, quantiz
                attn: str = "sdpa"):
     """Load a causal LM: frozen, eval mode, 4-bit NF4 with double quantisation unless quantize=False.
 
-    Unquantised parameters (embeddings, norms, output head) are loaded in `weights_dtype(precision)`; the
+    Unquantised parameters (embeddings, norms, output head) are loaded in `weights_dtype(...)`; the
     4-bit matmuls compute in bf16 when `precision` is bf16. Used for the teacher and the student alike (see
     the module note).
 
@@ -301,7 +303,7 @@ def load_model(model_dir: Path, device: torch.device, precision: str, *, quantiz
 
     quiet_transformers()
     check_attn(attn, device)
-    kwargs: dict = {"dtype": weights_dtype(precision), "attn_implementation": attn,
+    kwargs: dict = {"dtype": weights_dtype(precision, device), "attn_implementation": attn,
                     "device_map": {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}}
     if quantize:
         q = quantization_settings(precision)

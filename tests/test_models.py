@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from pipeline import models
 from pipeline.config import TrainConfig
-from pipeline.models import attach_lora, footprint, forward_hidden, load_model
+from pipeline.models import attach_lora, footprint, forward_hidden, load_model, weights_dtype
 from pipeline.train import setup
 
 CPU = torch.device("cpu")
@@ -19,8 +20,16 @@ def is_4bit(param: torch.Tensor) -> bool:
     return type(param).__name__ == "Params4bit"
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_unquantised_weights_in_the_compute_dtype_for_teacher_and_student(tiny_model_dir, precision, dtype):
+def test_weights_dtype_is_the_compute_dtype_on_cuda_and_fp32_on_cpu():
+    cuda = torch.device("cuda")  # (a device object only: no GPU needed)
+    assert weights_dtype("bf16", cuda) == torch.bfloat16 and weights_dtype("fp32", cuda) == torch.float32
+    assert weights_dtype("bf16", CPU) == weights_dtype("fp32", CPU) == torch.float32  # [fp32 weights on cpu note]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_unquantised_weights_in_weights_dtype_for_teacher_and_student(tiny_model_dir, monkeypatch, dtype):
+    precision = "bf16"
+    monkeypatch.setattr(models, "weights_dtype", lambda *_: dtype)  # bf16 is CUDA's choice: asked for here
     teacher = load_model(tiny_model_dir, CPU, precision)
     plain = {name: p.dtype for name, p in teacher.named_parameters() if not is_4bit(p)}
     assert "lm_head.weight" in plain and "model.embed_tokens.weight" in plain and "model.norm.weight" in plain
@@ -39,7 +48,7 @@ def test_unquantised_weights_in_the_compute_dtype_for_teacher_and_student(tiny_m
         assert torch.equal(forward_hidden(teacher, ids, mask, precision), forward_hidden(student, ids, mask, precision))
 
 
-def test_footprint_matches_a_count_from_the_shapes(tiny_model_dir, corpus, tmp_path):
+def test_footprint_matches_a_count_from_the_shapes(tiny_model_dir, corpus, tmp_path, monkeypatch):
     """4-bit weights, other weights by dtype and LoRA + AdamW state, against a count from the layer shapes and the
     NF4 double-quantisation layout (blocks of 64 weights, their absmax in blocks of 256)."""
     from transformers import AutoConfig
@@ -47,6 +56,7 @@ def test_footprint_matches_a_count_from_the_shapes(tiny_model_dir, corpus, tmp_p
     from pipeline.cache import build_cache
     from pipeline.config import CacheConfig
 
+    monkeypatch.setattr(models, "weights_dtype", lambda *_: torch.bfloat16)  # as on CUDA: two dtypes to tell apart
     model = attach_lora(load_model(tiny_model_dir, CPU, "bf16"), r=4, alpha=8, dropout=0.0,
                         target_modules="all-linear", gradient_checkpointing=False)
     fp = footprint(model)
@@ -60,7 +70,7 @@ def test_footprint_matches_a_count_from_the_shapes(tiny_model_dir, corpus, tmp_p
     absmax = [math.ceil(i * o / 64) for i, o in linears]  # one uint8 per block of 64 weights (double-quantised)
     # + a 16-entry fp32 NF4 codebook; the absmax's own fp32 absmax per 256 blocks, 256-entry codebook, offset
     assert fp.quant_constants == sum(n + 16 * 4 + math.ceil(n / 256) * 4 + 256 * 4 + 4 for n in absmax)
-    # Embeddings and head (untied) and 2 norms per layer + the final one, all bf16.
+    # Embeddings and head (untied) and 2 norms per layer + the final one, all bf16 (LoRA, trainable, is fp32).
     assert fp.other == {"bfloat16": (2 * vocab * dim + (2 * layers + 1) * dim) * 2}
     assert fp.trainable == sum(4 * (i + o) for i, o in linears) * 4  # LoRA A (4 x in) and B (out x 4), fp32
     assert fp.optimizer_state == 2 * fp.trainable
