@@ -193,8 +193,9 @@ def write_outputs(out: Path, rows: list[dict], tolerance: float, *, command: str
                           {**rec.to_json(), "adapter": str(out / "recommended" / "adapter"),
                            "run_adapter": str(out / rec.name / "adapter")})
         log(f"recommended: {rec.name}. {rec.reason}" + (f" {rec.fallback}" if rec.fallback else ""))
-    else:
+    else:  # nothing to recommend: no stale pick from an earlier sweep in this directory either
         (out / "recommendation.json").unlink(missing_ok=True)
+        shutil.rmtree(out / "recommended", ignore_errors=True)
     curves = plot_curves(out, rows)
     if curves is None:
         (out / "curves.png").unlink(missing_ok=True)  # not one left from an earlier sweep with other runs
@@ -215,8 +216,7 @@ def eval_curve(metrics: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a torn last line of an interrupted run
         if isinstance(doc, dict) and doc.get("eval") and "step" in doc:
-            points.append({"step": doc["step"], "task_ce": doc.get("task_ce"),
-                           "kl_topk": doc.get("kl_topk", doc.get("kl"))})
+            points.append({"step": doc["step"], "task_ce": doc.get("task_ce"), "kl_topk": doc.get("kl_topk")})
     return points
 
 

@@ -179,6 +179,10 @@ def test_outputs_name_the_same_run_and_hand_over_its_adapter(tmp_path, monkeypat
     assert json.loads((link / "adapter_config.json").read_text()) == {"run": "plain-qlora"}
     assert json.loads((tmp_path / "recommendation.json").read_text())["name"] == "plain-qlora" == ringed[-1]
 
+    # Nothing to recommend (no trained run scored): no stale pick from the earlier sweep is left behind.
+    assert write_outputs(tmp_path, DEMO[:1], 0.02, command="test", log=lambda *_: None) is None
+    assert not (tmp_path / "recommended").exists() and not (tmp_path / "recommendation.json").exists()
+
 
 def test_a_copy_where_links_cannot_be_made(tmp_path, monkeypatch):
     adapters(tmp_path, [r["name"] for r in DEMO[1:]])
