@@ -9,7 +9,9 @@
 #   1. plain QLoRA (lambda 0, no rehearsal), rehearsal alone (lambda 0, 30%), and lambda in {0.25, 0.5, 1}
 #      with the KL on all tokens and on rehearsal tokens only (30% rehearsal); the sweep recommends one;
 #   2. LoRA rank 4 and 16 at the recommended setting (rank 8 is in stage 1), and a second seed for plain QLoRA
-#      and for the recommended setting, so that the run-to-run spread shows; then the report over all runs.
+#      and for the recommended setting, so that the run-to-run spread shows; a forgetting budget
+#      (--max-forgetting) at the forgetting of stage 1's lambda 1 run with the KL on rehearsal examples, and at
+#      half of it; then the report over all runs.
 # Every run is evaluated on the held-out task rows (exact match) and on held-out general prompts (KL(base ||
 # tuned) over the full vocabulary, against the live base). Every step keeps what an earlier run finished, so
 # rerunning the script after an interruption continues where it stopped.
@@ -60,6 +62,14 @@ doc["sweep"]["runs"] += [
     {"name": f"{pick},seed=1", **setting, "seed": 1},
     {"name": "plain-qlora,seed=1", "kd_lambda": 0, "rehearsal_ratio": 0, "seed": 1},
 ]
+# The forgetting budget (--max-forgetting, issue 14) at two levels: the held-out forgetting of the fixed
+# lambda 1 run with the KL on rehearsal examples, and half of it; lambda starts at 0 and training finds it.
+rows = {r["name"]: r for r in json.load(open(f"{sweep}/rows.json"))}
+kl = rows["rehearsal-kd,lambda=1"]["eval"]["forgetting"]["kl"]
+for eps in (kl, kl / 2):
+    eps = float(f"{eps:.2g}")
+    doc["sweep"]["runs"].append({"name": f"budget={eps:g}", "max_forgetting": eps, "kd_lambda": 0,
+                                 "kd_on": "rehearsal", "rehearsal_ratio": 0.3})
 doc["sweep"]["runs"] = [r for i, r in enumerate(doc["sweep"]["runs"])
                         if r["name"] not in {x["name"] for x in doc["sweep"]["runs"][:i]}]
 yaml.safe_dump(doc, open(out, "w"), sort_keys=False, allow_unicode=True)
