@@ -372,42 +372,49 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         sum(b.n_tokens if cfg.kd_on == "all" else int(b.is_rehearsal.sum()) for b in batches),
         sum(int(b.is_rehearsal.sum()) for b in batches)]))
     world = distributed.world_size()
-    ce_sum = kl_sum = kl_reh_sum = 0.0
+    # The step's sums stay on the device until the step ends: one host sync per step (the .tolist() below),
+    # not one per micro-batch, so a GPU is never stalled between micro-batches to print a number.
+    zero = torch.zeros((), dtype=torch.float64, device=run.device)
+    ce_sum = kl_sum = kl_reh_sum = zero
     kd_weight = lam * run.temperature**2
-    for i, batch in enumerate(batches):
-        batch = batch.to(run.device)
+    for i, host in enumerate(batches):
+        # Positions and masks are read from the host copy (the collator's), so that selecting the response tokens
+        # (a nonzero) and counting the rehearsal ones never waits for the device.
+        batch = host.to(run.device)
+        reh = host.is_rehearsal  # (N,) bool on the host
         if run.online and (kd or measure_kl):
             batch.teacher_ids, batch.teacher_logprobs = online_targets(run, batch)
         last = i == len(batches) - 1
         with contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync():
             hidden = forward_hidden(run.model, batch.input_ids, batch.attention_mask, run.precision,
                                     body=run.ddp)  # (B, T, H)
-            rows, cols = response_positions(batch.loss_mask)
+            rows, cols = (t.to(run.device) for t in response_positions(host.loss_mask))
             h = hidden[rows, cols]  # (N, H): only response positions reach the output head
             labels = batch.input_ids[rows, cols + 1]
             teacher = {"teacher_ids": batch.teacher_ids, "teacher_logprobs": batch.teacher_logprobs,
-                       "kd_mask": kd_mask_of(batch, cfg.kd_on), "temperature": run.temperature, "kl": cfg.kl}
+                       "kd_mask": kd_mask_of(host, cfg.kd_on), "temperature": run.temperature, "kl": cfg.kl}
             common = {"bias": head.bias, "chunk_size": cfg.loss_chunk_size, "logit_softcap": head.softcap}
             sums = response_losses(h, head.weight, labels, **common, **(teacher if kd else {}))
             loss = sums.ce / n_tokens
             if kd and n_kd:
                 loss = loss + kd_weight * sums.kl / n_kd
             (loss * world).backward()  # [ddp gradient sum note]; * 1 is exact in one process
-        ce_sum += sums.ce.item()
+        ce_sum = ce_sum + sums.ce.detach()
         if kd:
-            kl_sum += sums.kl.item()
+            kl_sum = kl_sum + sums.kl.detach()
         elif measure_kl:  # lambda = 0: the KL is only watched, never part of the loss
             with torch.no_grad():
-                kl_sum += response_losses(h.detach(), head.weight, labels, **common, **teacher).kl.item()
+                kl_sum = kl_sum + response_losses(h.detach(), head.weight, labels, **common, **teacher).kl
         if budget and reuse:
-            kl_reh_sum += sums.kl.item()
-        elif budget and batch.is_rehearsal.any():  # the constraint, watched: forward KL on rehearsal tokens only
-            m = batch.is_rehearsal
+            kl_reh_sum = kl_reh_sum + sums.kl.detach()
+        elif budget and reh.any():  # the constraint, watched: forward KL on rehearsal tokens only
+            m = reh.nonzero().squeeze(1).to(run.device)
             with torch.no_grad():
-                kl_reh_sum += response_losses(h.detach()[m], head.weight, labels[m], **common,
-                                              teacher_ids=batch.teacher_ids[m],
-                                              teacher_logprobs=batch.teacher_logprobs[m],
-                                              temperature=run.temperature, kl="forward").kl.item()
+                watched = response_losses(h.detach()[m], head.weight, labels[m], **common,
+                                          teacher_ids=batch.teacher_ids[m], teacher_logprobs=batch.teacher_logprobs[m],
+                                          temperature=run.temperature, kl="forward")
+                kl_reh_sum = kl_reh_sum + watched.kl
+    ce_sum, kl_sum, kl_reh_sum = torch.stack([ce_sum, kl_sum, kl_reh_sum]).tolist()  # the step's one sync
     ce_sum, kl_sum, kl_reh_sum, n_all, n_examples, n_rehearsal = distributed.all_reduce_sum([
         ce_sum, kl_sum, kl_reh_sum, sum(int(b.attention_mask.sum()) for b in batches),
         sum(b.input_ids.shape[0] for b in batches), sum(b.n_rehearsal_examples for b in batches)])

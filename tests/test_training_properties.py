@@ -239,3 +239,30 @@ def test_cpu_dropout_masks_are_independent_across_lanes_and_calls():
     for shift in (1, 2, 3, 4, 1024):  # lanes of one int64, the next int64, the next row
         assert abs(corr(first[:-shift], first[shift:])) < 0.01, shift
     assert abs(corr(kept[0], kept[1])) < 0.01  # a new mask at every call
+
+
+# ----------------------------------------------------------------------------------------------- host syncs
+
+
+@pytest.mark.parametrize("budget", [None, 0.01])
+def test_reading_the_losses_back_costs_one_conversion_per_step_not_per_micro_batch(tiny_model_dir, cache_t2,
+                                                                                    tmp_path, monkeypatch, budget):
+    """On CUDA every .item()/.tolist()/float() of a device tensor waits for the device. The step reads its loss sums
+    back once, whatever the number of micro-batches: 8 x 1 and 1 x 8 make the same number of such calls."""
+    calls = {"n": 0}
+    for name in ("item", "tolist", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **kw):
+            calls["n"] += 1
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    seen = []
+    for bs, accum in ((8, 1), (1, 8)):
+        run = setup(cfg_for(tiny_model_dir, cache_t2, tmp_path / f"s{bs}", batch_size=bs, grad_accum=accum,
+                            kd_on="rehearsal", kd_lambda=0.5, max_forgetting=budget), **QUIET)
+        batches = micro_batches(run, 1)
+        calls["n"] = 0
+        loss_step(run, batches, measure_kl=True)
+        seen.append(calls["n"])
+    assert seen[0] == seen[1] <= 2, seen
