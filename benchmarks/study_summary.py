@@ -92,6 +92,10 @@ def summarise(task_dir: Path) -> list[str]:
                      f"(difference {r.score - ref.score:+.3f}, sampling error {ref.score_error:.3f})")
         else:
             line += "; no fixed-lambda run stayed within the budget"
+        near = max((f for f in fixed if eps < f.kl <= 1.2 * eps), key=lambda f: f.score, default=None)
+        if near is not None and (ref is None or near.score > ref.score):
+            line += (f"; within 20% over the budget (the tolerance the budget run is held to), `{near.name}` "
+                     f"(KL {near.kl:.4f}) scores {near.score:.3f} (difference {r.score - near.score:+.3f})")
         out.append(line)
     return [*out, ""]
 

@@ -41,8 +41,10 @@ def test_summary_compares_at_equal_task_score_and_against_the_budget(tmp_path):
             _row("rehearsal-kd,lambda=1", 0.785, 0.04), _row("rehearsal-kd,lambda=1,seed=1", 0.76, 0.045),
             _row("plain-qlora,seed=1", 0.81, 0.22),
             _row("rehearsal-kd,lambda=1,lora_r=4", 0.77, 0.03), _row("rehearsal-kd,lambda=1,lora_r=16", 0.80, 0.06),
-            _row("budget=0.04", 0.79, 0.046), _row("budget=0.02", 0.70, 0.03)]
-    text = _summary(_study(tmp_path, rows, "rehearsal-kd,lambda=1", {"budget=0.04": 1.5, "budget=0.02": 3.25}))
+            _row("budget=0.04", 0.79, 0.046), _row("budget=0.02", 0.70, 0.03),
+            _row("budget=0.035", 0.75, 0.03)]
+    text = _summary(_study(tmp_path, rows, "rehearsal-kd,lambda=1", {"budget=0.04": 1.5, "budget=0.02": 3.25,
+                                                                     "budget=0.035": 2.0}))
     # At equal task score (>= 0.78): rehearsal-kd,lambda=1 (0.04) forgets least, 1 - 0.04 / 0.20 = 80% less;
     # all,lambda=1 forgets less still but scores 0.30 below plain QLoRA, so it must not be the one named.
     assert "`rehearsal-kd,lambda=1`, cuts the KL by 80% (0.2000 -> 0.0400)" in text
@@ -57,6 +59,12 @@ def test_summary_compares_at_equal_task_score_and_against_the_budget(tmp_path):
     assert "final lambda 1.50" in text and "`rehearsal-kd,lambda=1`, scores 0.785 (difference +0.005" in text
     assert "budget 0.02: held-out forgetting KL 0.0300 (1.50 x the budget, more than 20% over it)" in text
     assert "`all,lambda=1`, scores 0.500 (difference +0.200" in text
+    # ... and rehearsal-kd,lambda=1 (KL 0.04) is within 20% over 0.02? No: 2 x. lora_r=4 (0.03) is 1.5 x: neither.
+    assert "within 20% over the budget" not in text.split("budget 0.02:")[1].split("budget 0.035:")[0]
+    # Budget 0.035: lora_r=4 (0.03, 0.770) is the best within it; rehearsal-kd,lambda=1 (0.04, 1.14 x) is within 20%
+    # over it and scores more (0.785), so the line names it too.
+    assert ("`rehearsal-kd,lambda=1,lora_r=4`, scores 0.770" in text
+            and "`rehearsal-kd,lambda=1` (KL 0.0400) scores 0.785 (difference -0.035)" in text)
 
 
 def test_summary_without_a_finished_sweep_says_so(tmp_path):
