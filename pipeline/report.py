@@ -317,13 +317,35 @@ def plot_tradeoff(out: Path, rows: list[dict], rec: Recommendation | None = None
 
 def plot_curves(out: Path, rows: list[dict]) -> Path | None:
     """OUT/curves.png: held-out task CE and forgetting (cached top-k KL) against step, one line per run, from
-    the eval lines of each run's metrics.jsonl (row["curve"]); None, and no file, when no run has any."""
+    the eval lines of each run's metrics.jsonl (row["curve"]); with --max-forgetting runs (row["budget_curve"]) a
+    second row of panels: lambda, and the running constraint against its budget. None, and no file, when no run
+    has any of these."""
     curves = {r["name"]: r.get("curve") or [] for r in rows if r["name"] != "base"}
-    if not any(curves.values()):
+    budgets = [r for r in rows if r.get("budget_curve")]
+    if not any(curves.values()) and not budgets:
         return None
     plt = _pyplot()
-    fig, (ax_ce, ax_kl) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    if budgets:  # a second row: how each --max-forgetting run moved its multiplier to keep its budget
+        fig, ((ax_ce, ax_kl), (ax_lam, ax_con)) = plt.subplots(2, 2, figsize=(10, 7.5), dpi=120)
+    else:
+        fig, (ax_ce, ax_kl) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     try:
+        for r in budgets:
+            pts = r["budget_curve"]
+            line, = ax_lam.plot([p["step"] for p in pts], [p["lambda"] for p in pts], label=r["name"])
+            con = [(p["step"], p["constraint"]) for p in pts if p["constraint"] is not None]
+            if con:
+                ax_con.plot(*zip(*con, strict=True), color=line.get_color(), label=r["name"])
+            ax_con.axhline(r["max_forgetting"], color=line.get_color(), ls="--", lw=1)
+        if budgets:
+            ax_lam.set_ylabel("lambda (the KL weight)")
+            ax_lam.set_title("Forgetting budget: the multiplier", fontsize=10)
+            ax_con.set_ylabel("running KL per rehearsal token")
+            ax_con.set_title("... and the constraint it keeps (dashed: the budget)", fontsize=10)
+            ax_lam.legend(fontsize=8)
+            for ax in (ax_lam, ax_con):
+                ax.set_xlabel("step")
+                ax.grid(alpha=0.3)
         for name, points in curves.items():
             for ax, key in ((ax_ce, "task_ce"), (ax_kl, "kl_topk")):
                 pts = [(p["step"], p[key]) for p in points if p.get(key) is not None]

@@ -177,7 +177,10 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
         summary = yaml.safe_load((run_dir / "run.yaml").read_text()).get("summary", {})
         rows.append({"name": run.name, "kd_lambda": train_cfg.kd_lambda, "rehearsal_ratio": train_cfg.rehearsal_ratio,
                      "kd_on": train_cfg.kd_on, "eval": report, "train_seconds": summary.get("train_seconds"),
-                     "curve": eval_curve(run_dir / "metrics.jsonl")})
+                     "curve": eval_curve(run_dir / "metrics.jsonl"),
+                     **({"max_forgetting": train_cfg.max_forgetting,
+                         "budget_curve": budget_curve(run_dir / "metrics.jsonl")}
+                        if train_cfg.max_forgetting is not None else {})})
 
     write_outputs(out, rows, cfg.task_tolerance, command=command, log=log)
     return rows
@@ -205,19 +208,31 @@ def write_outputs(out: Path, rows: list[dict], tolerance: float, *, command: str
     return rec
 
 
-def eval_curve(metrics: Path) -> list[dict]:
-    """The eval lines of a run's metrics.jsonl (train --eval-every): step, task_ce, kl_topk; [] when none."""
+def _metric_lines(metrics: Path) -> list[dict]:
     if not metrics.is_file():
         return []
-    points = []
+    docs = []
     for line in metrics.read_text(encoding="utf-8").splitlines():
         try:
             doc = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line of an interrupted run
-        if isinstance(doc, dict) and doc.get("eval") and "step" in doc:
-            points.append({"step": doc["step"], "task_ce": doc.get("task_ce"), "kl_topk": doc.get("kl_topk")})
-    return points
+        if isinstance(doc, dict) and "step" in doc:
+            docs.append(doc)
+    return docs
+
+
+def eval_curve(metrics: Path) -> list[dict]:
+    """The eval lines of a run's metrics.jsonl (train --eval-every): step, task_ce, kl_topk; [] when none."""
+    return [{"step": d["step"], "task_ce": d.get("task_ce"), "kl_topk": d.get("kl_topk")}
+            for d in _metric_lines(metrics) if d.get("eval")]
+
+
+def budget_curve(metrics: Path) -> list[dict]:
+    """The multiplier and the constraint of a --max-forgetting run, from its training lines: step, lambda (the KL
+    weight the step used) and constraint (the running KL per rehearsal token); [] when none."""
+    return [{"step": d["step"], "lambda": d["lambda"], "constraint": d.get("constraint")}
+            for d in _metric_lines(metrics) if not d.get("eval") and "lambda" in d]
 
 
 def write_recommended(out: Path, rec: Recommendation) -> Path:

@@ -20,7 +20,7 @@ from pipeline.report import (
     sampling_error,
     write_report,
 )
-from pipeline.sweep import eval_curve, write_outputs
+from pipeline.sweep import budget_curve, eval_curve, write_outputs
 
 
 def row(name: str, score: float | None, kl: float | None, seconds: float = 100.0, *, ce: float = 0.5, n: int = 100,
@@ -221,3 +221,27 @@ def test_task_tolerance_is_a_flag_with_the_rule_in_its_help():
     result = CliRunner().invoke(main, ["sweep", "--cache", "c", "--out", "o", "--lambdas", "0", "--task-tolerance",
                                        "-1"])
     assert result.exit_code == 2 and "task_tolerance" in result.output
+
+
+def test_budget_runs_add_the_multiplier_and_the_constraint_to_the_curves(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join([
+        json.dumps({"step": 0, "loss": 1.0, "kl": 0.0}),  # the step-0 line: no multiplier yet
+        json.dumps({"step": 1, "loss": 1.0, "kl": 0.02, "lambda": 0.0, "constraint": 0.02}),
+        json.dumps({"step": 2, "eval": True, "task_ce": 0.9, "kl_topk": 0.02}),
+        json.dumps({"step": 2, "loss": 0.9, "kl": 0.01, "lambda": 0.2, "constraint": None}),  # no rehearsal row
+        '{"step": 3, "lambda": 0.']) + "\n")
+    pts = budget_curve(metrics)
+    assert pts == [{"step": 1, "lambda": 0.0, "constraint": 0.02}, {"step": 2, "lambda": 0.2, "constraint": None}]
+    assert budget_curve(tmp_path / "missing.jsonl") == []
+    plain = plot_curves(tmp_path, [DEMO[0], {**DEMO[1], "curve": eval_curve(metrics)}])
+    height = plt_height(plain)
+    rows = [DEMO[0], {**DEMO[1], "curve": eval_curve(metrics), "max_forgetting": 0.01, "budget_curve": pts}]
+    assert plot_curves(tmp_path, rows) == plain
+    assert plt_height(plain) > 1.5 * height  # a second row of panels: lambda and the constraint
+
+
+def plt_height(png) -> int:
+    import matplotlib.image
+
+    return matplotlib.image.imread(png).shape[0]
