@@ -47,6 +47,14 @@ def summarise(task_dir: Path) -> list[str]:
     plain = runs.get(PLAIN)
     if plain is None:
         return [*out, "(no plain-qlora run yet)", ""]
+    out += ["| run | task exact match | task CE | forgetting KL (full vocab) | top-1 agreement | general CE |",
+            "|---|---|---|---|---|---|"]
+    for row in rows:
+        r = run_figures(row)
+        error = f" +/- {r.score_error:.3f}" if r.score_error is not None else ""
+        out.append(f"| {r.name} | {r.score:.3f}{error} | {r.task_ce:.4f} | {r.kl:.4f} | {r.top1_agreement:.3f} | "
+                   f"{r.general_ce:.3f} |")
+    out.append("")
     pick = runs[rec["name"]]
     out.append(f"* recommended: `{pick.name}`: {_fmt(pick)}")
     out.append(f"* plain QLoRA: {_fmt(plain)}")

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _row(name: str, score: float, kl: float, n: int = 200) -> dict:
     return {"name": name, "eval": {"task": {"exact_match": score, "examples": n, "ce": 0.1},
-                                   "forgetting": {"kl": kl, "top1_agreement": 0.9, "kl_topk": kl / 2}}}
+                                   "forgetting": {"kl": kl, "top1_agreement": 0.9, "kl_topk": kl / 2, "ce": 2.3}}}
 
 
 def _study(tmp_path: Path, rows: list[dict], pick: str, budgets: dict[str, float]) -> Path:
@@ -71,3 +71,9 @@ def test_summary_without_a_finished_sweep_says_so(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "study_summary.py"), str(tmp_path)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "no task with a finished sweep" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_summary_tables_every_run_with_its_error(tmp_path):
+    text = _summary(_study(tmp_path, [_row("plain-qlora", 0.5, 0.2, n=100)], "plain-qlora", {}))
+    assert "| plain-qlora | 0.500 +/- 0.050 | 0.1000 | 0.2000 | 0.900 | 2.300 |" in text  # sqrt(.25 / 100) = .05
+    assert "| base | 0.000 +/- 0.000 |" in text
