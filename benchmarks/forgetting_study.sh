@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The forgetting study: on two tasks, which setting learns the task and keeps the base model?
 #
-#   benchmarks/forgetting_study.sh             # both tasks, on the built-in model (about 2 hours on 2 CPU cores)
+#   benchmarks/forgetting_study.sh             # both tasks, on the built-in model (2.5-3 hours on 2 CPU cores)
 #   STUDY_STEPS=6 STUDY_OUT=runs/study-smoke benchmarks/forgetting_study.sh   # the same commands in minutes
 #
 # For each task (the medication extraction of data/demo/, the date normalisation of data/dates/): one cache,
