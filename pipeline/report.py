@@ -337,7 +337,7 @@ def plot_curves(out: Path, rows: list[dict]) -> Path | None:
             if con:
                 ax_con.plot(*zip(*con, strict=True), color=line.get_color(), label=r["name"])
             ax_con.axhline(r["max_forgetting"], color=line.get_color(), ls="--", lw=1)
-        if budgets:
+        if budgets:  # (ax_lam and ax_con exist only then)
             ax_lam.set_ylabel("lambda (the KL weight)")
             ax_lam.set_title("Forgetting budget: the multiplier", fontsize=10)
             ax_con.set_ylabel("running KL per rehearsal token")

@@ -177,9 +177,8 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
         summary = yaml.safe_load((run_dir / "run.yaml").read_text()).get("summary", {})
         rows.append({"name": run.name, "kd_lambda": train_cfg.kd_lambda, "rehearsal_ratio": train_cfg.rehearsal_ratio,
                      "kd_on": train_cfg.kd_on, "eval": report, "train_seconds": summary.get("train_seconds"),
-                     "curve": eval_curve(run_dir / "metrics.jsonl"),
-                     **({"max_forgetting": train_cfg.max_forgetting,
-                         "budget_curve": budget_curve(run_dir / "metrics.jsonl")}
+                     "curve": eval_curve(lines := metric_lines(run_dir / "metrics.jsonl")),
+                     **({"max_forgetting": train_cfg.max_forgetting, "budget_curve": budget_curve(lines)}
                         if train_cfg.max_forgetting is not None else {})})
 
     write_outputs(out, rows, cfg.task_tolerance, command=command, log=log)
@@ -208,7 +207,8 @@ def write_outputs(out: Path, rows: list[dict], tolerance: float, *, command: str
     return rec
 
 
-def _metric_lines(metrics: Path) -> list[dict]:
+def metric_lines(metrics: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl that carry a step; [] when there is no file."""
     if not metrics.is_file():
         return []
     docs = []
@@ -222,17 +222,21 @@ def _metric_lines(metrics: Path) -> list[dict]:
     return docs
 
 
-def eval_curve(metrics: Path) -> list[dict]:
+def eval_curve(lines: list[dict] | Path) -> list[dict]:
     """The eval lines of a run's metrics.jsonl (train --eval-every): step, task_ce, kl_topk; [] when none."""
     return [{"step": d["step"], "task_ce": d.get("task_ce"), "kl_topk": d.get("kl_topk")}
-            for d in _metric_lines(metrics) if d.get("eval")]
+            for d in _lines(lines) if d.get("eval")]
 
 
-def budget_curve(metrics: Path) -> list[dict]:
+def budget_curve(lines: list[dict] | Path) -> list[dict]:
     """The multiplier and the constraint of a --max-forgetting run, from its training lines: step, lambda (the KL
     weight the step used) and constraint (the running KL per rehearsal token); [] when none."""
     return [{"step": d["step"], "lambda": d["lambda"], "constraint": d.get("constraint")}
-            for d in _metric_lines(metrics) if not d.get("eval") and "lambda" in d]
+            for d in _lines(lines) if not d.get("eval") and "lambda" in d]
+
+
+def _lines(lines: list[dict] | Path) -> list[dict]:
+    return metric_lines(lines) if isinstance(lines, Path) else lines
 
 
 def write_recommended(out: Path, rec: Recommendation) -> Path:
