@@ -13,7 +13,8 @@
 #      (--max-forgetting) at the forgetting of stage 1's lambda 1 run with the KL on rehearsal examples, and at
 #      half of it;
 #   3. the best stage-1 setting with rehearsal, trained for steps / 0.7 steps: as many task examples as plain
-#      QLoRA saw, so that the two are compared at equal task exposure; then the report over all runs.
+#      QLoRA saw, so that the two are compared at equal task exposure, with seeds 0 and 1; then the report over
+#      all runs.
 # Every run is evaluated on the held-out task rows (exact match) and on held-out general prompts (KL(base ||
 # tuned) over the full vocabulary, against the live base). Every step keeps what an earlier run finished, so
 # rerunning the script after an interruption continues where it stopped.
@@ -94,9 +95,10 @@ pick = recommend(rows, tolerance=doc["sweep"].get("task_tolerance", 0.02)).name
 best = yaml.safe_load(open(f"{sweep}/{pick}/run.yaml"))["config"]
 steps = math.ceil(best["max_steps"] / (1 - best["rehearsal_ratio"]))
 setting = {k: best[k] for k in ("kd_lambda", "kd_on", "rehearsal_ratio")}
-doc["sweep"]["runs"].append({"name": f"{pick},steps={steps}", **setting, "max_steps": steps})
+doc["sweep"]["runs"] += [{"name": f"{pick},steps={steps}", **setting, "max_steps": steps},
+                         {"name": f"{pick},steps={steps},seed=1", **setting, "max_steps": steps, "seed": 1}]
 yaml.safe_dump(doc, open(out, "w"), sort_keys=False, allow_unicode=True)
-print(f"stage 3: {pick} for {steps} steps (the task examples of plain QLoRA's {best['max_steps']})")
+print(f"stage 3: {pick} for {steps} steps (the task examples of plain QLoRA's {best['max_steps']}), seeds 0 and 1")
 PY
     "$P" sweep --config "$T/stage3.yaml" --cache "$T/cache" --out "$T/sweep" "${EXTRA[@]}"
 done

@@ -64,8 +64,9 @@ def summarise(task_dir: Path) -> list[str]:
                     and r.score >= plain.score - TOLERANCE - 1e-9), key=lambda r: r.kl)
     if equal:
         best = equal[0]
+        runs_word = "run" if len(equal) == 1 else "runs"
         out.append(f"* at equal task score (within {TOLERANCE:.2f} of plain QLoRA's {plain.score:.3f}): "
-                   f"{len(equal)} runs; the one that forgets least, `{best.name}`, cuts the KL by "
+                   f"{len(equal)} {runs_word}; the one that forgets least, `{best.name}`, cuts the KL by "
                    f"{_cut(best.kl, plain.kl)} ({plain.kl:.4f} -> {best.kl:.4f})")
     else:
         out.append(f"* no run other than plain QLoRA scores within {TOLERANCE:.2f} of its {plain.score:.3f}")

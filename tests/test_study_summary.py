@@ -49,6 +49,7 @@ def test_summary_compares_at_equal_task_score_and_against_the_budget(tmp_path):
     # At equal task score (>= 0.78): rehearsal-kd,lambda=1 (0.04) forgets least, 1 - 0.04 / 0.20 = 80% less;
     # all,lambda=1 forgets less still but scores 0.30 below plain QLoRA, so it must not be the one named.
     assert "`rehearsal-kd,lambda=1`, cuts the KL by 80% (0.2000 -> 0.0400)" in text
+    assert "(within 0.02 of plain QLoRA's 0.800): 4 runs;" in text  # rehearsal, kd lambda 1, r=16, budget 0.04
     assert "recommended: `rehearsal-kd,lambda=1`" in text and "forgets 80% less" in text
     assert "at a task score -0.015 from plain QLoRA's" in text
     assert "seed spread, `plain-qlora`: exact match 0.800 / 0.810, KL 0.2000 / 0.2200" in text
@@ -75,6 +76,8 @@ def test_summary_without_a_finished_sweep_says_so(tmp_path):
 
 
 def test_summary_tables_every_run_with_its_error(tmp_path):
-    text = _summary(_study(tmp_path, [_row("plain-qlora", 0.5, 0.2, n=100)], "plain-qlora", {}))
+    text = _summary(_study(tmp_path, [_row("plain-qlora", 0.5, 0.2, n=100), _row("rehearsal", 0.49, 0.02, n=100)],
+                           "plain-qlora", {}))
+    assert "(within 0.02 of plain QLoRA's 0.500): 1 run; the one that forgets least, `rehearsal`" in text
     assert "| plain-qlora | 0.500 +/- 0.050 | 0.1000 | 0.2000 | 0.900 | 2.300 |" in text  # sqrt(.25 / 100) = .05
     assert "| base | 0.000 +/- 0.000 |" in text
