@@ -175,6 +175,13 @@ def _fmt_score(r: RunFigures) -> str:
     return f"{r.score:.3f} ± {error:.3f}" if error is not None else f"{r.score:.3f}"
 
 
+def kd_on_cell(row: dict) -> str:
+    """Where the KL applies; "-" when no KL term trains (lambda 0 without a budget), whatever kd_on says."""
+    if not row.get("kd_lambda") and row.get("max_forgetting") is None:
+        return "-"
+    return row.get("kd_on") or "-"
+
+
 def report_table(rows: list[dict]) -> str:
     """Markdown table, one row per run: setting, task score +/- error, task CE, forgetting figures, train time."""
     head = ["run", "kd_lambda", "rehearsal", "kd_on", f"{SCORE_LABEL} ± error", "task CE", "forgetting KL (full vocab)",
@@ -183,7 +190,7 @@ def report_table(rows: list[dict]) -> str:
     for row in rows:
         r = run_figures(row)
         lines.append("| " + " | ".join([
-            r.name, _fmt(row.get("kd_lambda"), 2), _fmt(row.get("rehearsal_ratio"), 2), row.get("kd_on") or "-",
+            r.name, _fmt(row.get("kd_lambda"), 2), _fmt(row.get("rehearsal_ratio"), 2), kd_on_cell(row),
             _fmt_score(r), _fmt(r.task_ce), _fmt(r.kl), _fmt(r.top1_agreement, 3), _fmt(r.kl_topk), _fmt(r.general_ce),
             _fmt(r.train_seconds, 0)]) + " |")
     return "\n".join(lines) + "\n"

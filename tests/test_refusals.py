@@ -81,7 +81,7 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, caches, finished_
     shutil.copytree(finished_run, out)
     before = snapshot(out)
     for flags, what in ((["--lr", "2e-3"], "lr was 0.001, now 0.002"),
-                        (["--kd-lambda", "1"], "kd_lambda was 0.5, now 1.0"),
+                        (["--kd-lambda", "0.5"], "kd_lambda was 1.0, now 0.5"),
                         (["--lora-r", "4", "--lr", "2e-3"], "lora_r was 8, now 4")):  # the first difference, by name
         assert_one_line_error(invoke(train_cmd(tiny_model_dir, caches["cache"], out, "--resume", *flags)),
                               f"error: {out}: --resume with other settings: {what}; resume with the same settings or "

@@ -120,8 +120,18 @@ def test_report_opens_with_the_recommendation(tmp_path):
     for column in ("task exact match ± error", "task CE", "forgetting KL (full vocab)", "top-1 agreement",
                    "KL top-k (lower bound)", "general CE", "train time (s)"):
         assert column in header
-    assert "| kd_lambda=0 | 0.00 | 0.30 | all | 0.460 ± 0.050 | 0.1200 | 0.0368 | 0.900 | 0.0184 |" in text
+    assert "| kd_lambda=0 | 0.00 | 0.30 | - | 0.460 ± 0.050 | 0.1200 | 0.0368 | 0.900 | 0.0184 |" in text  # lambda 0
     assert "No curves.png" in text
+
+
+def test_kd_on_is_shown_only_where_a_kl_term_trains():
+    from pipeline.report import kd_on_cell
+
+    assert kd_on_cell({"kd_lambda": 0.0, "kd_on": "rehearsal"}) == "-"  # plain QLoRA under the default kd_on
+    assert kd_on_cell({"kd_lambda": 1.0, "kd_on": "rehearsal"}) == "rehearsal"
+    assert kd_on_cell({"kd_lambda": 0.5, "kd_on": "all"}) == "all"
+    assert kd_on_cell({"kd_lambda": 0.0, "kd_on": "rehearsal", "max_forgetting": 0.01}) == "rehearsal"  # lambda grows
+    assert kd_on_cell({"name": "base", "kd_lambda": None, "kd_on": None}) == "-"
 
 
 def test_pareto_front():

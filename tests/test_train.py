@@ -196,6 +196,11 @@ def test_rehearsal_that_cannot_happen_is_refused(tiny_model_dir, tiny_cache, tmp
 
     with pytest.raises(ConfigError, match=r"kd_on: rehearsal .* rehearsal_ratio is 0"):
         load_config(TrainConfig, None, {"cache": "c", "out": "o", "kd_on": "rehearsal", "rehearsal_ratio": 0})
+    # The defaults put lambda 1 on rehearsal examples: no rehearsal alone is refused, and says how to get plain QLoRA.
+    with pytest.raises(ConfigError, match=r"for plain QLoRA give --kd-lambda 0"):
+        load_config(TrainConfig, None, {"cache": "c", "out": "o", "rehearsal_ratio": 0})
+    plain = load_config(TrainConfig, None, {"cache": "c", "out": "o", "rehearsal_ratio": 0, "kd_lambda": 0})
+    assert (plain.kd_on, plain.kd_lambda, plain.rehearsal_ratio) == ("rehearsal", 0, 0)
     # 0.01 * 4 examples * 6 steps = 0.24 rehearsal examples: rounds to none.
     with pytest.raises(PipelineError, match=r"rehearsal_ratio 0.01 of 4 examples per step over 6 steps rounds to no"):
         setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "o", rehearsal_ratio=0.01), **QUIET)
@@ -410,8 +415,8 @@ def test_kd_on_rehearsal_only_touches_rehearsal_tokens(tiny_model_dir, tiny_cach
 def test_kd_keeps_student_closer_to_teacher(tiny_model_dir, tiny_cache, tmp_path):
     results = {}
     for lam in (0.0, 16.0):
-        summary = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / f"l{lam}", kd_lambda=lam, max_steps=16,
-                                lr=3e-3, log_every=4, save_every=100), **QUIET)
+        summary = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / f"l{lam}", kd_lambda=lam, kd_on="all",
+                                max_steps=16, lr=3e-3, log_every=4, save_every=100), **QUIET)
         results[lam] = summary
         metrics = [json.loads(x) for x in (tmp_path / f"l{lam}" / "metrics.jsonl").read_text().splitlines()]
         assert metrics[0]["step"] == 0 and metrics[0]["kl"] < 1e-4  # step 0: the student is the teacher
@@ -480,7 +485,7 @@ def test_online_teacher_targets_equal_the_cache(tiny_model_dir, tmp_path):
                             rehearsal_train=str(general), top_k=8, max_length=256, precision="fp32"), **QUIET)
     run = setup(TrainConfig(model=str(tiny_model_dir), out=str(tmp_path / "o"), online_teacher=True, top_k=8,
                             max_length=256, task_train=str(task), rehearsal_train=str(general), precision="fp32",
-                            max_steps=3, batch_size=4, warmup_steps=1), **QUIET)
+                            max_steps=3, batch_size=4, warmup_steps=1, kd_on="all"), **QUIET)
     cached = {r.example_id: r for part in ("task", "rehearsal") for r in open_cache(tmp_path / "c").iter_rows(
         part, "train")}
     rows = [r for g in range(len(run.cache.row_groups("task", "train")))
