@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The forgetting study: on two tasks, which setting learns the task and keeps the base model?
 #
-#   benchmarks/forgetting_study.sh             # both tasks, on the built-in model (2.5-3 hours on 2 CPU cores)
+#   benchmarks/forgetting_study.sh             # both tasks, on the built-in model (about 2 h 10 min on 2 CPU cores)
 #   STUDY_STEPS=6 STUDY_OUT=runs/study-smoke benchmarks/forgetting_study.sh   # the same commands in minutes
+#   STUDY_BUDGETS=0 benchmarks/forgetting_study.sh   # without the four forgetting-budget runs (under 2 hours)
 #
 # For each task (the medication extraction of data/demo/, the date normalisation of data/dates/): one cache,
 # then one sweep from it (configs/study.yaml) in three stages:
@@ -52,9 +53,9 @@ for task in demo dates; do
     "$P" sweep --config "$CONFIG" --cache "$T/cache" --out "$T/sweep" "${EXTRA[@]}"
 
     # Stage 2: rank and seed at the recommended setting, added to the same sweep (stage 1's runs are kept).
-    "$PY" - "$CONFIG" "$T/sweep" "$T/stage2.yaml" <<'PY'
+    "$PY" - "$CONFIG" "$T/sweep" "$T/stage2.yaml" "${STUDY_BUDGETS:-1}" <<'PY'
 import json, sys, yaml
-config, sweep, out = sys.argv[1:]
+config, sweep, out, budgets = sys.argv[1:]
 doc = yaml.safe_load(open(config))
 pick = json.load(open(f"{sweep}/recommendation.json"))["name"]
 best = yaml.safe_load(open(f"{sweep}/{pick}/run.yaml"))["config"]
@@ -69,7 +70,7 @@ doc["sweep"]["runs"] += [
 # lambda 1 run with the KL on rehearsal examples, and half of it; lambda starts at 0 and training finds it.
 rows = {r["name"]: r for r in json.load(open(f"{sweep}/rows.json"))}
 kl = rows["rehearsal-kd,lambda=1"]["eval"]["forgetting"]["kl"]
-for eps in (kl, kl / 2):
+for eps in (kl, kl / 2) if budgets != "0" else ():
     eps = float(f"{eps:.2g}")
     doc["sweep"]["runs"].append({"name": f"budget={eps:g}", "max_forgetting": eps, "kd_lambda": 0,
                                  "kd_on": "rehearsal", "rehearsal_ratio": 0.3})
