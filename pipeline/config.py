@@ -30,9 +30,13 @@ DEFAULT_MAX_STEPS = 200  # train's length when neither --max-steps nor --epochs 
 # Settings that are alternatives to each other: one given at a higher level of precedence (a flag over the config
 # file, a sweep run's own setting over the sweep's fixed part) replaces the other given below it.
 ALTERNATIVES = {"max_steps": "epochs", "epochs": "max_steps"}
-# Train settings that change what a run reports, not what it trains: they may differ on --resume and in a kept
-# sweep run (e.g. resuming with --report-to tensorboard to watch a run started without it).
-REPORTING = ("report_to",)
+# Train settings that change what a run reports or keeps, not what it trains (the adapter is bit for bit the same:
+# tests/test_train.py): they may differ on --resume and in a kept sweep run (e.g. resuming with --report-to
+# tensorboard to watch a run started without it, or a sweep rerun with sparser curves).
+REPORTING = ("report_to", "log_every", "eval_every", "eval_limit", "save_every", "keep_checkpoints")
+# Where things are, not what they are: a run directory or cache may be moved or spelled another way; the cache's
+# content is checked by its fingerprint instead.
+PATH_SETTINGS = ("out", "cache", "task_train", "rehearsal_train")
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, min: float | None = None,

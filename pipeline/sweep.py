@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import (
+    PATH_SETTINGS,
     REPORTING,
     EvalConfig,
     SweepConfig,
@@ -101,8 +102,12 @@ def plan_runs(cfg: SweepConfig) -> list[PlannedRun]:
     return runs
 
 
-def _finished(run_dir: Path, want: TrainConfig) -> bool:
-    """True if run_dir holds a finished run with exactly these settings; refuse one trained otherwise."""
+def _finished(run_dir: Path, want: TrainConfig, cache_fingerprint: str) -> bool:
+    """True if run_dir holds a finished run with exactly these settings; refuse one trained otherwise.
+
+    Settings that only change what a run reports (REPORTING) and where things are (PATH_SETTINGS: the sweep
+    directory or cache moved, or spelled as another path) may differ; the cache's content may not.
+    """
     run_yaml = run_dir / "run.yaml"
     if not run_yaml.exists():
         return False
@@ -111,11 +116,14 @@ def _finished(run_dir: Path, want: TrainConfig) -> bool:
     except yaml.YAMLError as e:
         raise PipelineError(f"{run_yaml}: unreadable ({e}); delete {run_dir} to redo this run") from e
     diffs = config_differences(doc.get("config", {}), dataclasses.asdict(want),
-                               ignore=("resume", "overwrite", *REPORTING))
+                               ignore=("resume", "overwrite", *PATH_SETTINGS, *REPORTING))
     if diffs:
         key, have, asked = diffs[0]
         raise PipelineError(f"{run_dir}: trained with other settings ({key}: run has {have!r}, asked for {asked!r}); "
                             "use another sweep --out or delete that run")
+    if (doc.get("cache") or {}).get("fingerprint") not in (None, cache_fingerprint):
+        raise PipelineError(f"{run_dir}: trained from another cache (its shards differ from {want.cache}); use "
+                            "another sweep --out or delete that run")
     return doc.get("status") == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
@@ -162,7 +170,7 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
             steps = train_cfg.max_steps or steps_for_epochs(train_cfg, cache.count("task", "train"))
             train_cfg = dataclasses.replace(train_cfg, eval_every=max(1, steps // 8))
         eval_path = run_dir / "eval.json"
-        done = _finished(run_dir, train_cfg)
+        done = _finished(run_dir, train_cfg, cache.fingerprint)
         report = _eval_current(eval_path, eval_cfg) if done else None
         if report is None:
             if not done:

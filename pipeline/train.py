@@ -27,7 +27,7 @@ import yaml
 
 from pipeline import __version__, distributed
 from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import REPORTING, TrainConfig, config_differences, to_dict
+from pipeline.config import PATH_SETTINGS, REPORTING, TrainConfig, config_differences, to_dict
 from pipeline.data import draw_step, rehearsal_total
 from pipeline.errors import PipelineError
 from pipeline.evaluate import eval_rows, score_rows
@@ -116,7 +116,6 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-PATH_SETTINGS = ("out", "cache", "task_train", "rehearsal_train")  # where things are, not what they are
 
 
 def check_resume_settings(cfg: TrainConfig, out: Path, cache_fingerprint: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from click.testing import CliRunner
 
 from pipeline.cache import build_cache
@@ -237,6 +239,22 @@ def test_sweep_reuses_cache_resumes_and_reports(tiny_model_dir, eval_cache, tmp_
         sweep(cfg, {**fixed, "lr": 1e-3}, eval_cfg, command="test", **QUIET)
     assert str(refused.value) == (f"{tmp_path / 's' / 'kd_lambda=0'}: trained with other settings (lr: run has 0.003, "
                                   "asked for 0.001); use another sweep --out or delete that run")
+
+    # ... but settings that only change what a run reports (curves, logging, checkpoints) keep every run, and so
+    # does the same cache under another path (a symlink here: moved, or relative against absolute).
+    trained.clear()
+    (tmp_path / "link").symlink_to(eval_cache)
+    again = sweep(dataclasses.replace(cfg, cache=str(tmp_path / "link")),
+                  {**fixed, "log_every": 1, "eval_every": 3, "eval_limit": 1, "save_every": 2}, eval_cfg,
+                  command="test", **QUIET)
+    assert trained == [] and [r["eval"] for r in again] == [r["eval"] for r in rows2]
+    # A cache with other content under the same path is refused (the run records the fingerprint it trained on).
+    run_yaml = tmp_path / "s" / "kd_lambda=1" / "run.yaml"
+    doc = yaml.safe_load(run_yaml.read_text())
+    doc["cache"]["fingerprint"] = "0" * 64
+    run_yaml.write_text(yaml.safe_dump(doc))
+    with pytest.raises(PipelineError, match=r"kd_lambda=1: trained from another cache \(its shards differ from "):
+        sweep(cfg, fixed, eval_cfg, command="test", **QUIET)
 
 
 def test_plan_runs_grid_and_errors():
