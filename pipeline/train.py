@@ -192,9 +192,12 @@ def setup(cfg: TrainConfig, log=print) -> Run:
                                 "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
                                 "--online-teacher) or drop --max-forgetting")
         if cfg.rehearsal_ratio > 0 and n_reh == 0:
+            # With the KL on rehearsal examples (the default), no rehearsal leaves no KL term: plain QLoRA.
+            no_rehearsal = ("--rehearsal-ratio 0 --kd-lambda 0 (plain QLoRA)"
+                            if cfg.kd_on == "rehearsal" and cfg.kd_lambda > 0 else "--rehearsal-ratio 0")
             raise PipelineError(f"{rows.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but there are no "
                                 "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
-                                "--online-teacher) or pass --rehearsal-ratio 0")
+                                f"--online-teacher) or pass {no_rehearsal}")
         if cfg.rehearsal_ratio < 1 and n_task == 0:
             raise PipelineError(f"{rows.path}: no task training rows (--task-train)")
         if cfg.eval_every and not (rows.count("task", "eval") or rows.count("rehearsal", "eval")):

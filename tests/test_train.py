@@ -213,8 +213,11 @@ def test_ratio_without_rehearsal_rows_is_an_error(tiny_model_dir, tmp_path):
     task = write_jsonl(tmp_path / "t.jsonl", TASK_ROWS)
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(task), top_k=4,
                             max_length=256), **QUIET)
-    with pytest.raises(PipelineError, match="no rehearsal training rows"):
+    with pytest.raises(PipelineError, match=r"no rehearsal training rows; .* pass --rehearsal-ratio 0 --kd-lambda 0 "
+                                            r"\(plain QLoRA\)$"):  # the defaults put the KL on rehearsal examples
         setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o"), **QUIET)
+    with pytest.raises(PipelineError, match=r"no rehearsal training rows; .* pass --rehearsal-ratio 0$"):
+        setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o", kd_on="all"), **QUIET)
     run = setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o2", rehearsal_ratio=0.0), **QUIET)
     assert run.rehearsal is None and micro_batches(run, 1)[0].n_rehearsal_examples == 0
     with pytest.raises(PipelineError, match="--eval-every scores held-out rows, and the cache has none"):
