@@ -516,3 +516,14 @@ def config_differences(have: dict[str, Any], want: dict[str, Any], ignore: tuple
     keys in `ignore` left out: how a resumed run and a kept sweep run are checked against what was asked."""
     return [(k, have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
             if k not in ignore and have.get(k) != want.get(k)]
+
+
+def run_differences(run: dict, want: Any, cache_fingerprint: str | None) -> tuple[list[tuple[str, Any, Any]], bool]:
+    """How a run recorded in run.yaml (`run`, parsed) differs in what it trains from the settings `want`: the
+    differing settings (as config_differences gives them), and whether it trained from a cache with other
+    content. Reporting settings (REPORTING), paths (PATH_SETTINGS), resume and overwrite may differ: how a resumed
+    run and a kept sweep run are checked against what was asked."""
+    diffs = config_differences(run.get("config", {}), to_dict(want),
+                               ignore=("resume", "overwrite", *PATH_SETTINGS, *REPORTING))
+    was = (run.get("cache") or {}).get("fingerprint")
+    return diffs, bool(cache_fingerprint and was and was != cache_fingerprint)

@@ -27,15 +27,13 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import (
-    PATH_SETTINGS,
-    REPORTING,
     EvalConfig,
     SweepConfig,
     TrainConfig,
     _coerce,
-    config_differences,
     load_config,
     overlay,
+    run_differences,
 )
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import evaluate
@@ -105,8 +103,8 @@ def plan_runs(cfg: SweepConfig) -> list[PlannedRun]:
 def _finished(run_dir: Path, want: TrainConfig, cache_fingerprint: str) -> bool:
     """True if run_dir holds a finished run with exactly these settings; refuse one trained otherwise.
 
-    Settings that only change what a run reports (REPORTING) and where things are (PATH_SETTINGS: the sweep
-    directory or cache moved, or spelled as another path) may differ; the cache's content may not.
+    Settings that only change what a run reports and where things are (the sweep directory or cache moved, or
+    spelled as another path) may differ; the cache's content may not (config.run_differences).
     """
     run_yaml = run_dir / "run.yaml"
     if not run_yaml.exists():
@@ -115,13 +113,12 @@ def _finished(run_dir: Path, want: TrainConfig, cache_fingerprint: str) -> bool:
         doc = yaml.safe_load(run_yaml.read_text())
     except yaml.YAMLError as e:
         raise PipelineError(f"{run_yaml}: unreadable ({e}); delete {run_dir} to redo this run") from e
-    diffs = config_differences(doc.get("config", {}), dataclasses.asdict(want),
-                               ignore=("resume", "overwrite", *PATH_SETTINGS, *REPORTING))
+    diffs, other_cache = run_differences(doc, want, cache_fingerprint)
     if diffs:
         key, have, asked = diffs[0]
         raise PipelineError(f"{run_dir}: trained with other settings ({key}: run has {have!r}, asked for {asked!r}); "
                             "use another sweep --out or delete that run")
-    if (doc.get("cache") or {}).get("fingerprint") not in (None, cache_fingerprint):
+    if other_cache:
         raise PipelineError(f"{run_dir}: trained from another cache (its shards differ from {want.cache}); use "
                             "another sweep --out or delete that run")
     return doc.get("status") == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
@@ -230,21 +227,17 @@ def metric_lines(metrics: Path) -> list[dict]:
     return docs
 
 
-def eval_curve(lines: list[dict] | Path) -> list[dict]:
-    """The eval lines of a run's metrics.jsonl (train --eval-every): step, task_ce, kl_topk; [] when none."""
+def eval_curve(lines: list[dict]) -> list[dict]:
+    """From a run's metric_lines, its eval lines (train --eval-every): step, task_ce, kl_topk; [] when none."""
     return [{"step": d["step"], "task_ce": d.get("task_ce"), "kl_topk": d.get("kl_topk")}
-            for d in _lines(lines) if d.get("eval")]
+            for d in lines if d.get("eval")]
 
 
-def budget_curve(lines: list[dict] | Path) -> list[dict]:
-    """The multiplier and the constraint of a --max-forgetting run, from its training lines: step, lambda (the KL
+def budget_curve(lines: list[dict]) -> list[dict]:
+    """From a run's metric_lines, the multiplier and the constraint of a --max-forgetting run: step, lambda (the KL
     weight the step used) and constraint (the running KL per rehearsal token); [] when none."""
     return [{"step": d["step"], "lambda": d["lambda"], "constraint": d.get("constraint")}
-            for d in _lines(lines) if not d.get("eval") and "lambda" in d]
-
-
-def _lines(lines: list[dict] | Path) -> list[dict]:
-    return metric_lines(lines) if isinstance(lines, Path) else lines
+            for d in lines if not d.get("eval") and "lambda" in d]
 
 
 def write_recommended(out: Path, rec: Recommendation) -> Path:

@@ -27,7 +27,7 @@ import yaml
 
 from pipeline import __version__, distributed
 from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import PATH_SETTINGS, REPORTING, TrainConfig, config_differences, to_dict
+from pipeline.config import TrainConfig, run_differences, to_dict
 from pipeline.data import draw_step, rehearsal_total
 from pipeline.errors import PipelineError
 from pipeline.evaluate import eval_rows, score_rows
@@ -130,14 +130,12 @@ def check_resume_settings(cfg: TrainConfig, out: Path, cache_fingerprint: str | 
         doc = yaml.safe_load(run_yaml.read_text()) or {}
     except yaml.YAMLError:
         return
-    diffs = config_differences(doc.get("config", {}), to_dict(cfg),
-                               ignore=("resume", "overwrite", *PATH_SETTINGS, *REPORTING))
+    diffs, other_cache = run_differences(doc, cfg, cache_fingerprint)
     if diffs:
         key, was, now = diffs[0]
         raise PipelineError(f"{out}: --resume with other settings: {key} was {was!r}, now {now!r}; resume with "
                             "the same settings or use --overwrite")
-    was = (doc.get("cache") or {}).get("fingerprint")
-    if cache_fingerprint and was and was != cache_fingerprint:
+    if other_cache:
         raise PipelineError(f"{out}: --resume with another cache (its shards differ from the ones this run "
                             "started with); resume with the same cache or use --overwrite")
 

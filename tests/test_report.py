@@ -20,7 +20,7 @@ from pipeline.report import (
     sampling_error,
     write_report,
 )
-from pipeline.sweep import budget_curve, eval_curve, write_outputs
+from pipeline.sweep import budget_curve, eval_curve, metric_lines, write_outputs
 
 
 def row(name: str, score: float | None, kl: float | None, seconds: float = 100.0, *, ce: float = 0.5, n: int = 100,
@@ -215,9 +215,9 @@ def test_curves_from_eval_lines(tmp_path):
         json.dumps({"step": 4, "loss": 0.8, "kl": 0.01, "lambda": 0.5}),
         json.dumps({"step": 4, "eval": True, "task_ce": 0.9, "kl_topk": 0.02}),
         '{"step": 8, "eval": tr']) + "\n")  # a torn last line
-    curve = eval_curve(metrics)
+    curve = eval_curve(metric_lines(metrics))
     assert curve == [{"step": 0, "task_ce": 1.5, "kl_topk": 0.0}, {"step": 4, "task_ce": 0.9, "kl_topk": 0.02}]
-    assert eval_curve(tmp_path / "missing.jsonl") == []
+    assert eval_curve(metric_lines(tmp_path / "missing.jsonl")) == []
     assert plot_curves(tmp_path, DEMO) is None and not (tmp_path / "curves.png").exists()
     rows = [DEMO[0], {**DEMO[1], "curve": curve}, DEMO[2]]
     assert plot_curves(tmp_path, rows) == tmp_path / "curves.png" and (tmp_path / "curves.png").stat().st_size > 1000
@@ -241,12 +241,13 @@ def test_budget_runs_add_the_multiplier_and_the_constraint_to_the_curves(tmp_pat
         json.dumps({"step": 2, "eval": True, "task_ce": 0.9, "kl_topk": 0.02}),
         json.dumps({"step": 2, "loss": 0.9, "kl": 0.01, "lambda": 0.2, "constraint": None}),  # no rehearsal row
         '{"step": 3, "lambda": 0.']) + "\n")
-    pts = budget_curve(metrics)
+    pts = budget_curve(metric_lines(metrics))
     assert pts == [{"step": 1, "lambda": 0.0, "constraint": 0.02}, {"step": 2, "lambda": 0.2, "constraint": None}]
-    assert budget_curve(tmp_path / "missing.jsonl") == []
-    plain = plot_curves(tmp_path, [DEMO[0], {**DEMO[1], "curve": eval_curve(metrics)}])
+    assert budget_curve(metric_lines(tmp_path / "missing.jsonl")) == []
+    plain = plot_curves(tmp_path, [DEMO[0], {**DEMO[1], "curve": eval_curve(metric_lines(metrics))}])
     height = plt_height(plain)
-    rows = [DEMO[0], {**DEMO[1], "curve": eval_curve(metrics), "max_forgetting": 0.01, "budget_curve": pts}]
+    rows = [DEMO[0], {**DEMO[1], "curve": eval_curve(metric_lines(metrics)), "max_forgetting": 0.01,
+                      "budget_curve": pts}]
     assert plot_curves(tmp_path, rows) == plain
     assert plt_height(plain) > 1.5 * height  # a second row of panels: lambda and the constraint
 
