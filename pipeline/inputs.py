@@ -1,6 +1,7 @@
-"""Input data: read JSONL, render it with the model's chat template, tokenise, mask, batch.
+"""The user's input files: read them (JSONL, JSON, Parquet, CSV, a `datasets` directory), check every row, and
+tokenise each example with the model's chat template.
 
-Accepted line forms (DESIGN.md section 3)::
+Accepted row forms (docs/design.md, "Input data")::
 
     {"input": "...", "output": "..."}
     {"instruction": "...", "input": "... (optional)", "output": "..."}
@@ -18,16 +19,11 @@ import glob
 import hashlib
 import itertools
 import json
-import math
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import read_json, sha256_file
@@ -35,6 +31,7 @@ from pipeline.fileio import read_json, sha256_file
 ROLES = ("task", "rehearsal")
 SPLITS = ("train", "eval")
 CHAT_ROLES = ("system", "user", "assistant")
+
 
 
 @dataclass
@@ -489,87 +486,3 @@ def tokenize_example(tokenizer, ex: Example, max_length: int) -> Tokenized | Non
     mask = [False] * n_prompt + [True] * (len(ids) - n_prompt)
     return Tokenized(ex.id, ex.role, ex.split, ids, mask, truncated)
 
-
-@dataclass
-class Batch:
-    """A padded batch (right padding). Shapes: (B, T)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
-    ids: list[str]
-    roles: list[str]
-
-    @property
-    def n_response_tokens(self) -> int:
-        return int(self.loss_mask.sum())
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
-                     self.ids, self.roles)
-
-
-def collate(rows: Sequence[Tokenized], pad_id: int) -> Batch:
-    """Right-pad a list of tokenised examples into one batch."""
-    width = max(len(r.input_ids) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    att = np.zeros((len(rows), width), dtype=bool)
-    mask = np.zeros((len(rows), width), dtype=bool)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[i, :n] = r.input_ids
-        att[i, :n] = True
-        mask[i, :n] = r.loss_mask
-    return Batch(torch.from_numpy(ids), torch.from_numpy(att).long(), torch.from_numpy(mask),
-                 [r.id for r in rows], [r.role for r in rows])
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (sorted by length, ties by index) to keep padding low."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def padding_waste(batches: Iterable[Sequence[int]], lengths: Sequence[int]) -> float:
-    """Share of padded positions over all (B x T_max) positions of the given batches."""
-    total = real = 0
-    for b in batches:
-        if b:
-            total += len(b) * max(lengths[i] for i in b)
-            real += sum(lengths[i] for i in b)
-    return 1 - real / total if total else 0.0
-
-
-def rehearsal_total(ratio: float, n_examples: int, steps: int) -> int:
-    """Rehearsal examples in the first `steps` optimiser steps of n_examples each: round(ratio * n * steps).
-
-    [exact ratio note] The product is taken as a fraction of the ratio's decimal text (Fraction("0.3") is
-    exactly 3/10, where the float 0.3 is 0.29999999999999998...), and a half rounds up: 0.3 * 5 * 1 = 1.5 -> 2.
-    Float arithmetic would put some exact halves on either side of .5 depending on the step, and the
-    per-step counts of two processes or of a resumed run could then differ from one machine to another.
-    """
-    exact = Fraction(repr(float(ratio))) * n_examples * steps
-    return math.floor(exact + Fraction(1, 2))
-
-
-def rehearsal_count(ratio: float, n_examples: int, step: int) -> int:
-    """Rehearsal examples in optimiser step `step` (1-based): rehearsal_total(step) - rehearsal_total(step - 1).
-
-    The remainder is carried from step to step without any state: over any run of s steps the count is
-    round(ratio * n * s), within half a row of the ratio, and every step is within one row of ratio * n
-    (0.3 at n = 8 gives 2, 3, 2, 3, 2, 2, 3, ... = 30%, where rounding each step alone gave 2 = 25%).
-    Being a function of the step alone, it is the same after --resume and on every process.
-    """
-    return rehearsal_total(ratio, n_examples, step) - rehearsal_total(ratio, n_examples, step - 1)
-
-
-def draw_step(task, rehearsal, n_examples: int, ratio: float, seed: int, step: int) -> list:
-    """The examples of one optimiser step: rehearsal_count(...) from `rehearsal`, the rest from `task`.
-
-    Both streams are endless, seeded and independently shuffled (reader.RowStream); the mixed list is
-    shuffled with a generator seeded by (seed, step), so the order needs no state to resume.
-    """
-    n_rehearsal = rehearsal_count(ratio, n_examples, step)
-    rows = task.take(n_examples - n_rehearsal) + (rehearsal.take(n_rehearsal) if n_rehearsal else [])
-    order = np.random.default_rng([seed, step]).permutation(len(rows))
-    return [rows[i] for i in order]
