@@ -61,7 +61,7 @@ main_job() {
         # The few-minute variant: the same steps on a slice, and two runs only (plain QLoRA against lambda 1 on
         # the rehearsal examples), each 36 steps x 4 examples, so 160 notes and 48 general prompts suffice;
         # 30 held-out notes score the task (enough to tell a trained run from the base's 0), 24 prompts the
-        # forgetting. Same or less work than the slice it replaced (which scored 0 everywhere, issue 18).
+        # forgetting. Same or less work than the slice it replaced (which scored 0 everywhere).
         OUT=runs/demo-quick CONFIG=configs/demo-quick.yaml n_task=160 n_task_eval=30 n_general=48 n_general_eval=24
     fi
     local DATA="$OUT/data"

@@ -66,7 +66,7 @@ doc["sweep"]["runs"] += [
     {"name": f"{pick},seed=1", **setting, "seed": 1},
     {"name": "plain-qlora,seed=1", "kd_lambda": 0, "rehearsal_ratio": 0, "seed": 1},
 ]
-# The forgetting budget (--max-forgetting, issue 14) at two levels: the held-out forgetting of the fixed
+# The forgetting budget (--max-forgetting) at two levels: the held-out forgetting of the fixed
 # lambda 1 run with the KL on rehearsal examples, and half of it; lambda starts at 0 and training finds it.
 rows = {r["name"]: r for r in json.load(open(f"{sweep}/rows.json"))}
 kl = rows["rehearsal-kd,lambda=1"]["eval"]["forgetting"]["kl"]

@@ -45,23 +45,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the table's output (read when tqdm is imported)
 
-from pipeline.cache import build_cache, prepare  # noqa: E402
-from pipeline.config import CacheConfig, TrainConfig  # noqa: E402
-from pipeline.data import collate, length_batches  # noqa: E402
-from pipeline.losses import response_losses  # noqa: E402
-from pipeline.metrics import peak_memory_mb, reset_peak_memory  # noqa: E402
-from pipeline.models import (  # noqa: E402
-    load_model,
-    load_tokenizer,
-    output_head,
-    quiet_transformers,
-    resolve_device,
-    resolve_model,
-    resolve_precision,
-)
-from pipeline.reader import RowStream, collate_rows, open_cache  # noqa: E402
-from pipeline.teacher import teacher_topk  # noqa: E402
-from pipeline.train import loss_step, micro_batches, optimizer_step, setup  # noqa: E402
+from pipeline.batches import collate, collate_rows, length_batches
+from pipeline.cache.read import open_cache
+from pipeline.cache.write import build_cache, read_inputs
+from pipeline.config import CacheConfig, TrainConfig
+from pipeline.device import resolve_device, resolve_precision
+from pipeline.forward import output_head
+from pipeline.losses import response_losses
+from pipeline.metrics import peak_memory_mb, reset_peak_memory
+from pipeline.mixing import RowStream
+from pipeline.model_source import load_tokenizer, quiet_transformers, resolve_model
+from pipeline.models import load_model
+from pipeline.teacher import teacher_topk
+from pipeline.train import forward_backward, micro_batches, optimizer_step, setup
 
 TARGETS = {  # key: (comparison, bound)
     "cache_vs_forward": (">=", 0.90),
@@ -123,7 +119,7 @@ def bench_cache(model: str, task: Path, rehearsal: Path, work: Path, top_k: int,
     tokenizer = load_tokenizer(model_dir)
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
-    examples, _, _ = prepare(cfg, tokenizer, **QUIET)
+    examples, _, _ = read_inputs(cfg, tokenizer, **QUIET)
     teacher = load_model(model_dir, device, precision)
     head = output_head(teacher)
     batches = []
@@ -180,19 +176,19 @@ def bench_cache(model: str, task: Path, rehearsal: Path, work: Path, top_k: int,
 
 def time_steps(run, steps: int) -> float:
     """Seconds per optimiser step over `steps` steps after one warm-up step (not a logging step)."""
-    loss_step(run, micro_batches(run, 1), measure_kl=False)
+    forward_backward(run, micro_batches(run, 1), measure_kl=False)
     optimizer_step(run)
     t0 = time.perf_counter()
     for step in range(2, steps + 2):
-        loss_step(run, micro_batches(run, step), measure_kl=False)
+        forward_backward(run, micro_batches(run, step), measure_kl=False)
         optimizer_step(run)
     return (time.perf_counter() - t0) / steps
 
 
 def reader_rows_per_s(run, batch_size: int, n_batches: int = 50) -> float:
     """The reader alone: fresh streams over the same cache, collated batches as training gets them."""
-    task_stream = RowStream(run.cache, "task", "train", seed=1)
-    reh_stream = RowStream(run.cache, "rehearsal", "train", seed=1)
+    task_stream = RowStream(run.rows, "task", "train", seed=1)
+    reh_stream = RowStream(run.rows, "rehearsal", "train", seed=1)
     pad = run.tokenizer.pad_token_id
 
     def read() -> None:
@@ -209,7 +205,7 @@ def time_interleaved(runs: dict, steps: int) -> dict[str, float]:
     for step in range(1, steps + 2):
         for name, run in runs.items():
             t0 = time.perf_counter()
-            loss_step(run, micro_batches(run, step), measure_kl=False)
+            forward_backward(run, micro_batches(run, step), measure_kl=False)
             optimizer_step(run)
             if step > 1:
                 times[name].append(time.perf_counter() - t0)
@@ -336,7 +332,7 @@ def bench_loss_memory(quick: bool) -> dict:
     the inputs exist, so it counts what the loss adds: logits, log-probs, their gradients, autograd's saved
     tensors).
 
-    [loss memory dtype note] Both sides get a bf16 head and bf16 hidden states, as a bf16 model (issue 16, item 1)
+    [loss memory dtype note] Both sides get a bf16 head and bf16 hidden states, as a bf16 model
     hands them over. This is also what the machine allows: dense fp32 inputs and logits would peak near 18 GB, on
     a 24 GB machine shared with others.
     """

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.report import RunFigures, run_figures
+from pipeline.recommend import RunFigures, run_figures
 
-TOLERANCE = 0.02  # "equal task score": within 2 points of exact match (issue 13's bar)
+TOLERANCE = 0.02  # "equal task score": within 2 points of exact match (the study's bar)
 PLAIN = "plain-qlora"
 
 

@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.models import bf16_supported, quiet_transformers, resolve_model
-from pipeline.reader import open_cache
+from pipeline.cache.read import open_cache
+from pipeline.device import bf16_supported
+from pipeline.model_source import quiet_transformers, resolve_model
 
 
 def main() -> None:

@@ -7,8 +7,8 @@
                     as integers, and the loop's running sums (TrainState)
 
 [data-only checkpoint note] A checkpoint directory may sit on a shared file system (README, torchrun), so
-loading one must never run code: nothing here is unpickled beyond what weights_only allows. The first
-format (a pickled `state.pt`, before pipeline 0.2) is refused with the way out, never unpickled.
+loading one must never run code: nothing here is unpickled beyond what weights_only allows, and a directory
+without state.json is refused, whatever else it holds.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ CHECKPOINTS = "checkpoints"
 TENSORS = "tensors.pt"
 STATE = "state.json"
 FORMAT_VERSION = 2
-OLD_PICKLE = "state.pt"  # format 1, refused
 
 
 @dataclass
@@ -119,9 +118,9 @@ def save_checkpoint(out: Path, state: TrainState, model, optimizer, scheduler, s
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint directory in OUT/checkpoints (an old-format one included, to be refused)."""
-    done = [p for p in (out / CHECKPOINTS).glob("step-*") if TMP_MARK not in p.name
-            and ((p / STATE).is_file() or (p / OLD_PICKLE).is_file())]
+    """The newest checkpoint directory in OUT/checkpoints. Checkpoints are renamed into place whole, so one without
+    state.json is not ours: it is picked all the same, for load_checkpoint to refuse rather than skip silently."""
+    done = [p for p in (out / CHECKPOINTS).glob("step-*") if TMP_MARK not in p.name and p.is_dir()]
     return max(done, default=None, key=lambda p: p.name)
 
 
@@ -129,15 +128,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, streams: dict, devi
     """Restore a checkpoint written by save_checkpoint into the given objects; returns the run's TrainState.
 
     Raises:
-        PipelineError: (one line) for a checkpoint of the old pickled format, one that does not load, or one
+        PipelineError: (one line) for a directory without state.json, a checkpoint that does not load, or one
             written by another number of processes.
     """
     from peft import set_peft_model_state_dict
 
     if not (path / STATE).is_file():
-        raise PipelineError(f"{path}: written by an older pipeline (a pickled state.pt, which this version never "
-                            "loads: unpickling can run code); start afresh with --overwrite, or finish the run with "
-                            "pipeline 0.1")
+        raise PipelineError(f"{path}: not a checkpoint (no {STATE}); delete it to resume from the one before, or "
+                            "start afresh with --overwrite")
     try:
         doc = json.loads((path / STATE).read_text(encoding="utf-8"))
         tensors = torch.load(path / TENSORS, map_location=device, weights_only=True)

@@ -150,7 +150,7 @@ def cache_teacher_cmd(config_file: str | None, **flags) -> None:
           --out runs/demo/cache --top-k 32 --max-length 384
     """
     from pipeline import distributed
-    from pipeline.cache import build_cache
+    from pipeline.cache.write import build_cache
 
     with distributed.launched():  # one rank of a torchrun job, or a plain single process
         cfg = distributed.agree(lambda: load_config(CacheConfig, config_file, flags))
@@ -248,7 +248,7 @@ def make_rehearsal_cmd(config_file: str | None, **flags) -> None:
     Example:
       pipeline make-rehearsal --prompts data/demo/general_prompts_train.jsonl --out runs/demo/rehearsal_train.jsonl
     """
-    from pipeline.generate import make_rehearsal
+    from pipeline.rehearsal import make_rehearsal
 
     cfg = load_config(RehearsalConfig, config_file, flags)
     for line in make_rehearsal(cfg).lines():
@@ -285,7 +285,7 @@ def merge_cmd(config_file: str | None, **flags) -> None:
     Example:
       pipeline merge --adapter runs/demo/sweep/kd_lambda=0.5/adapter --out runs/demo/merged
     """
-    from pipeline.models import merge_adapter
+    from pipeline.merge import merge_adapter
 
     cfg = load_config(MergeConfig, config_file, flags)
     click.echo(f"merged model: {merge_adapter(cfg.model, cfg.adapter, cfg.out, cfg.dtype)}")
@@ -306,7 +306,7 @@ def inspect_cmd(cache: str, config_file: str | None, **flags) -> None:
       pipeline inspect runs/demo/cache --example task_train.jsonl:1
       pipeline inspect runs/demo/cache --example task_train.jsonl:1 --json | jq '.example.positions[0]'
     """
-    from pipeline.inspect import dumps, inspect_cache, render
+    from pipeline.cache.inspection import dumps, inspect_cache, render
 
     cfg = load_config(InspectConfig, config_file, {**flags, "cache": cache})
     report = inspect_cache(cfg)

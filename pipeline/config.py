@@ -30,32 +30,42 @@ DEFAULT_MAX_STEPS = 200  # train's length when neither --max-steps nor --epochs 
 # Settings that are alternatives to each other: one given at a higher level of precedence (a flag over the config
 # file, a sweep run's own setting over the sweep's fixed part) replaces the other given below it.
 ALTERNATIVES = {"max_steps": "epochs", "epochs": "max_steps"}
-# Train settings that change what a run reports or keeps, not what it trains (the adapter is bit for bit the same:
-# tests/test_train.py): they may differ on --resume and in a kept sweep run (e.g. resuming with --report-to
-# tensorboard to watch a run started without it, or a sweep rerun with sparser curves).
-REPORTING = ("report_to", "log_every", "eval_every", "eval_limit", "save_every", "keep_checkpoints")
-# Where things are, not what they are: a run directory or cache may be moved or spelled another way; the cache's
-# content is checked by its fingerprint instead.
-PATH_SETTINGS = ("out", "cache", "task_train", "rehearsal_train")
+# Groups of settings (opt(group=...)), for the checks that treat a group alike:
+#   reporting  what a train run reports or keeps, not what it trains (the adapter is bit for bit the same:
+#              tests/test_train.py): may differ on --resume and in a kept sweep run (e.g. resuming with --report-to
+#              tensorboard to watch a run started without it, or a sweep rerun with sparser curves)
+#   path       where things are, not what they are: a run directory or cache may be moved or spelled another way;
+#              the cache's content is checked by its fingerprint instead
+#   run        how this invocation treats its output directory (--resume, --overwrite)
+#   scoring    the evaluation settings that decide evaluate's figures (a sweep reuses an eval.json made with them)
+GROUPS = ("reporting", "path", "run", "scoring")
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, min: float | None = None,
-        max: float | None = None, required: bool = False, positive: bool = False, repeat: bool = False) -> Any:
+        max: float | None = None, required: bool = False, positive: bool = False, repeat: bool = False,
+        group: str | None = None) -> Any:
     """A dataclass field carrying its CLI help and its checks.
 
     Args:
         repeat: for list fields, the flag is given once per value (`--prompt a --prompt b`); other list
             fields take one comma-separated value (`--lambdas 0,0.5,1`).
+        group: one of GROUPS, for the checks that treat a group of settings alike (settings_in).
     """
+    assert group is None or group in GROUPS, group
     meta = {"help": help, "choices": choices, "min": min, "max": max, "required": required,
-            "positive": positive, "repeat": repeat}
+            "positive": positive, "repeat": repeat, "group": group}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-# The fields of an input row that a --columns mapping may name (DESIGN.md section 3).
+# The fields of an input row that a --columns mapping may name (docs/design.md, "Input data").
 INPUT_FIELDS = ("input", "instruction", "output", "messages", "id")
+
+
+def settings_in(cls: type, *groups: str) -> tuple[str, ...]:
+    """The names of `cls`'s settings in any of `groups` (see GROUPS)."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("group") in groups)
 
 
 def columns_opt() -> Any:
@@ -70,6 +80,8 @@ def column_problems(columns: dict[str, str]) -> list[str]:
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# The KL variants losses.per_token_kl computes (train --kl).
+KL_KINDS = ("forward", "reverse", "topk_renorm")
 
 
 @dataclass
@@ -124,12 +136,14 @@ class CacheConfig(CommonConfig):
 class TrainConfig(CommonConfig):
     """`pipeline train`: train a LoRA adapter against the cached soft targets."""
 
-    cache: str | None = opt(None, "Cache directory written by cache-teacher (required unless --online-teacher).")
-    out: str | None = opt(None, "Output directory (adapter/, metrics.jsonl, run.yaml, checkpoints/).", required=True)
+    cache: str | None = opt(None, "Cache directory written by cache-teacher (required unless --online-teacher).",
+                             group="path")
+    out: str | None = opt(None, "Output directory (adapter/, metrics.jsonl, run.yaml, checkpoints/).", required=True,
+                           group="path")
     online_teacher: bool = opt(False, "No cache: compute the teacher's top-k at every step with the adapter switched "
                                "off (one extra forward per step; reads --task-train/--rehearsal-train).")
-    task_train: str | None = opt(None, "With --online-teacher: the new task (any input format).")
-    rehearsal_train: str | None = opt(None, "With --online-teacher: general data to rehearse.")
+    task_train: str | None = opt(None, "With --online-teacher: the new task (any input format).", group="path")
+    rehearsal_train: str | None = opt(None, "With --online-teacher: general data to rehearse.", group="path")
     columns: dict[str, str] = columns_opt()
     skip_bad_lines: bool = opt(False, "With --online-teacher: skip (and count) malformed input lines.")
     # The defaults come from the forgetting study (README): on both tasks, lambda 1 with the KL on rehearsal
@@ -139,7 +153,7 @@ class TrainConfig(CommonConfig):
     kd_on: str = opt("rehearsal", "Which examples get the KL term: the rehearsal (general) examples only, or all.",
                      choices=("rehearsal", "all"))
     kl: str = opt("forward", "KL variant over the k+1 buckets (topk_renorm drops the residual: an ablation).",
-                  choices=("forward", "reverse", "topk_renorm"))
+                  choices=KL_KINDS)
     rehearsal_ratio: float = opt(0.3, "Share of rehearsal (general) examples in every optimiser step.", min=0, max=1)
     l2: float = opt(0.0, "mu: weight of the L2 penalty on the LoRA parameters.", min=0)
     max_forgetting: float | None = opt(None, "Forgetting budget EPS: the mean per-token KL(base || student) on the "
@@ -167,23 +181,27 @@ class TrainConfig(CommonConfig):
     loss_chunk_size: int = opt(1024, "Response tokens per chunk of full-vocabulary log-probs.", positive=True)
     divergence_factor: float = opt(4.0, "Stop when the loss exceeds this multiple of its best running average.",
                                    min=1)
-    log_every: int = opt(10, "Write a line to metrics.jsonl every N steps.", positive=True)
+    log_every: int = opt(10, "Write a line to metrics.jsonl every N steps.", positive=True,
+                         group="reporting")
     eval_every: int = opt(0, "Every N steps and at the end, score the cache's held-out rows (task CE, and the cached "
                           "k+1-bucket forgetting KL; no generation) as an eval line in metrics.jsonl: the training "
-                          "curves. 0 = off.", min=0)
+                          "curves. 0 = off.", min=0, group="reporting")
     eval_limit: int = opt(64, "With --eval-every: at most this many held-out rows of each kind (the first by example "
-                          "id, as evaluate --limit).", positive=True)
+                          "id, as evaluate --limit).", positive=True, group="reporting")
     report_to: str = opt("none", "Also write metrics.jsonl's numbers as TensorBoard scalars under OUT/tb/ (needs "
-                         "pip install 'lwf-pipeline[tensorboard]').", choices=("none", "tensorboard"))
-    save_every: int = opt(50, "Write a resumable checkpoint every N steps.", positive=True)
-    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", positive=True)
+                         "pip install 'lwf-pipeline[tensorboard]').", choices=("none", "tensorboard"),
+                         group="reporting")
+    save_every: int = opt(50, "Write a resumable checkpoint every N steps.", positive=True,
+                          group="reporting")
+    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", positive=True,
+                                group="reporting")
     temperature: float | None = opt(None, "Distillation temperature; must equal the cache's (default: the cache's; "
                                     "1.0 with --online-teacher).", positive=True)
     max_length: int | None = opt(None, "Must equal the cache's max_length if given (512 with --online-teacher).",
                                  positive=True)
     top_k: int | None = opt(None, "Must equal the cache's top_k if given (32 with --online-teacher).", positive=True)
-    resume: bool = opt(False, "Continue from the last complete checkpoint in --out.")
-    overwrite: bool = opt(False, "Delete a non-empty --out and start afresh.")
+    resume: bool = opt(False, "Continue from the last complete checkpoint in --out.", group="run")
+    overwrite: bool = opt(False, "Delete a non-empty --out and start afresh.", group="run")
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.epochs is None:
@@ -232,10 +250,12 @@ class EvalConfig(CommonConfig):
     adapter: str | None = opt(None, "Adapter directory; omit to score the base model (the baseline row).")
     out: str | None = opt(None, "Write the JSON report here (default: print it).")
     batch_size: int = opt(16, "Examples per forward pass / generation batch.", positive=True)
-    max_new_tokens: int = opt(64, "Generation length for the task score.", positive=True)
+    max_new_tokens: int = opt(64, "Generation length for the task score.", positive=True,
+                              group="scoring")
     task_score: str = opt("exact_match", "How to score generated task answers (none: skip generation).",
-                          choices=("exact_match", "none"))
-    limit: int | None = opt(None, "Score at most this many examples of each eval set.", positive=True)
+                          choices=("exact_match", "none"), group="scoring")
+    limit: int | None = opt(None, "Score at most this many examples of each eval set.", positive=True,
+                                 group="scoring")
 
 
 @dataclass
@@ -521,9 +541,9 @@ def config_differences(have: dict[str, Any], want: dict[str, Any], ignore: tuple
 def run_differences(run: dict, want: Any, cache_fingerprint: str | None) -> tuple[list[tuple[str, Any, Any]], bool]:
     """How a run recorded in run.yaml (`run`, parsed) differs in what it trains from the settings `want`: the
     differing settings (as config_differences gives them), and whether it trained from a cache with other
-    content. Reporting settings (REPORTING), paths (PATH_SETTINGS), resume and overwrite may differ: how a resumed
+    content. Settings of the groups reporting, path and run (GROUPS) may differ: how a resumed
     run and a kept sweep run are checked against what was asked."""
     diffs = config_differences(run.get("config", {}), to_dict(want),
-                               ignore=("resume", "overwrite", *PATH_SETTINGS, *REPORTING))
+                               ignore=settings_in(type(want), "reporting", "path", "run"))
     was = (run.get("cache") or {}).get("fingerprint")
     return diffs, bool(cache_fingerprint and was and was != cache_fingerprint)

@@ -28,14 +28,17 @@ from pathlib import Path
 import torch
 
 from pipeline import __version__
+from pipeline.batches import collate_rows
+from pipeline.cache.read import Cache, open_cache
+from pipeline.cache.schema import CachedRow
 from pipeline.config import EvalConfig
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_json
-from pipeline.format import CachedRow
+from pipeline.forward import output_head, response_positions, student_losses
 from pipeline.generate import generate_all
-from pipeline.losses import full_kl_and_agreement, response_losses
-from pipeline.models import forward_hidden, load_for_inference, open_model_source, output_head, response_positions
-from pipeline.reader import Cache, collate_rows, open_cache
+from pipeline.losses import full_kl_and_agreement
+from pipeline.model_source import open_model_source
+from pipeline.models import load_for_inference
 
 
 @torch.inference_mode()
@@ -49,12 +52,9 @@ def score_rows(model, rows: Sequence[CachedRow], *, pad_id: int, batch_size: int
     n = 0
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
         batch = collate_rows(rows[start:start + batch_size], pad_id).to(device)
-        hidden = forward_hidden(model, batch.input_ids, batch.attention_mask, precision)
-        r, c = response_positions(batch.loss_mask)
         teacher = {"teacher_ids": batch.teacher_ids, "teacher_logprobs": batch.teacher_logprobs,
                    "temperature": temperature, "kl": "forward"} if with_kl else {}
-        sums = response_losses(hidden[r, c], head.weight, batch.input_ids[r, c + 1], bias=head.bias,
-                               logit_softcap=head.softcap, **teacher)
+        sums, _, _ = student_losses(model, head, batch, precision, **teacher)
         ce += sums.ce.item()
         kl += sums.kl.item()
         n += sums.n_tokens
@@ -83,12 +83,10 @@ def score_forgetting(model, rows: Sequence[CachedRow], *, has_adapter: bool, pad
     for start in tqdm(range(0, len(rows), batch_size), desc="forgetting", unit="batch", dynamic_ncols=True,
                       leave=False):
         batch = collate_rows(rows[start:start + batch_size], pad_id).to(device)
-        r, c = response_positions(batch.loss_mask)
-        labels = batch.input_ids[r, c + 1]
-        h_tuned = forward_hidden(model, batch.input_ids, batch.attention_mask, precision)[r, c]  # (N, H)
-        tuned = response_losses(h_tuned, head.weight, labels, bias=head.bias, logit_softcap=head.softcap,
-                                teacher_ids=batch.teacher_ids, teacher_logprobs=batch.teacher_logprobs,
-                                temperature=temperature, kl="forward")
+        positions = response_positions(batch.loss_mask)
+        tuned, h_tuned, _ = student_losses(model, head, batch, precision, positions=positions,
+                                           teacher_ids=batch.teacher_ids, teacher_logprobs=batch.teacher_logprobs,
+                                           temperature=temperature, kl="forward")
         sums["ce"] += tuned.ce.item()
         sums["kl_topk"] += tuned.kl.item()
         n += tuned.n_tokens
@@ -97,9 +95,8 @@ def score_forgetting(model, rows: Sequence[CachedRow], *, has_adapter: bool, pad
             sums["agree"] += tuned.n_tokens
             continue
         with model.disable_adapter():
-            h_base = forward_hidden(model, batch.input_ids, batch.attention_mask, precision)[r, c]  # (N, H)
-        sums["base_ce"] += response_losses(h_base, head.weight, labels, bias=head.bias,
-                                           logit_softcap=head.softcap).ce.item()
+            base, h_base, _ = student_losses(model, head, batch, precision, positions=positions)
+        sums["base_ce"] += base.ce.item()
         kl, agree = full_kl_and_agreement(h_base, h_tuned, head.weight, bias=head.bias, logit_softcap=head.softcap)
         sums["kl"] += kl.item()
         sums["agree"] += int(agree)

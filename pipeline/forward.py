@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.batches import TrainBatch
 from pipeline.device import autocast
 from pipeline.errors import PipelineError
+from pipeline.losses import LossSums, response_losses
 from pipeline.models import base_of
 
 
@@ -61,3 +63,35 @@ def response_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """
     rows, cols = loss_mask.nonzero(as_tuple=True)
     return rows, cols - 1
+
+
+def head_losses(head: OutputHead, hidden: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024,
+                **targets) -> LossSums:
+    """losses.response_losses with this model's output head: CE sums at (N, H) `hidden`, and KL sums when teacher
+    `targets` are given (teacher_ids, teacher_logprobs, kd_mask, temperature, kl)."""
+    return response_losses(hidden, head.weight, labels, bias=head.bias, logit_softcap=head.softcap,
+                           chunk_size=chunk_size, **targets)
+
+
+def student_losses(model, head: OutputHead, batch: TrainBatch, precision: str, *, chunk_size: int = 1024,
+                   body: torch.nn.Module | None = None,
+                   positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   **targets) -> tuple[LossSums, torch.Tensor, torch.Tensor]:
+    """The student's loss sums on a batch: forward, the response positions, their labels, the head's losses.
+
+    train and evaluate both score a batch through here, so a training step and a held-out score compute the same
+    quantity the same way.
+
+    Args:
+        body: as forward_hidden's (the DDP-wrapped decoder under torchrun).
+        positions: response_positions(batch.loss_mask), when the caller already has them on the device.
+        targets: the teacher's targets for the KL (see head_losses); none: CE only.
+
+    Returns:
+        (sums, hidden (N, H) at the response positions, labels (N,)).
+    """
+    hidden = forward_hidden(model, batch.input_ids, batch.attention_mask, precision, body=body)  # (B, T, H)
+    rows, cols = positions if positions is not None else response_positions(batch.loss_mask)
+    h = hidden[rows, cols]  # (N, H): only response positions reach the output head
+    labels = batch.input_ids[rows, cols + 1]
+    return head_losses(head, h, labels, chunk_size=chunk_size, **targets), h, labels

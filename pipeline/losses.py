@@ -1,7 +1,7 @@
 """Losses: next-token cross-entropy, sparse KL to a cached top-k teacher (with a residual bucket), L2; and the
 full-vocabulary KL and top-1 agreement between two sets of hidden states that `evaluate` scores forgetting with.
 
-Pure functions of tensors: no model code, no I/O. DESIGN.md section 5 gives the maths:
+Pure functions of tensors: no model code, no I/O. docs/design.md ("The loss") gives the maths:
 
     KL_t = sum_{i in S} p_i (log p_i - log q_i)  +  p_r (log p_r - log q_r)        (k+1 buckets)
     Loss = CE  +  lambda * T^2 * mean_t KL_t  +  mu * sum ||LoRA params||^2
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-KL_KINDS = ("forward", "reverse", "topk_renorm")
+from pipeline.config import KL_KINDS
 
 # [reverse residual floor note] In reverse KL the teacher residual appears as log p_r. p_r = 1 - sum_S p_i is a
 # difference of numbers near 1, so below ~1e-7 it is rounding noise (and exactly 0 after the clamp when fp16 storage

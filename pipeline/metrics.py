@@ -55,17 +55,17 @@ class StepStats:
     rehearsal_examples: int = 0
     seconds: float = 0.0
 
-    def add(self, out: dict, seconds: float) -> None:
-        """Add one step's loss_step result and its wall time."""
+    def add(self, out, seconds: float) -> None:
+        """Add one step's result (train.StepResult) and its wall time."""
         self.steps += 1
-        self.loss += out["loss"]
-        self.ce += out["ce"]
-        self.l2 += out["l2"]
-        if out["kl"] is not None:
-            self.kl += out["kl"]
+        self.loss += out.loss
+        self.ce += out.ce
+        self.l2 += out.l2
+        if out.kl is not None:
+            self.kl += out.kl
             self.kl_steps += 1
         for k in ("tokens", "response_tokens", "examples", "rehearsal_examples"):
-            setattr(self, k, getattr(self, k) + out[k])
+            setattr(self, k, getattr(self, k) + getattr(out, k))
         self.seconds += seconds
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.adapters import load_adapter
-from pipeline.device import check_attn, resolve_device, resolve_precision, weights_dtype
+from pipeline.device import check_attn, resolve_runtime, weights_dtype
 from pipeline.errors import PipelineError
 from pipeline.model_source import ModelSource, quiet_transformers
 
@@ -154,8 +154,7 @@ def eval_mode(model) -> Iterator[None]:
 def load_for_inference(source: ModelSource, device_name: str, precision_name: str, adapter: str | None = None,
                        attn: str = "sdpa"):
     """(model, device, precision) for generation/evaluation: the 4-bit base, plus the adapter if given."""
-    device = resolve_device(device_name)
-    precision = resolve_precision(precision_name, device)
+    device, precision = resolve_runtime(device_name, precision_name, attn)
     model = load_model(source.path, device, precision, attn=attn)
     if adapter:
         model = load_adapter(model, adapter)

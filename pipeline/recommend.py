@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-
 SCORE = "exact_match"  # the task's own score in evaluate's report (higher is better)
 SCORE_LABEL = "task exact match"
 # [float tolerance note] 0.50 - 0.48 is 0.020000000000000018 in floats: a run exactly at the tolerance edge

@@ -9,7 +9,6 @@ on the base model's own samples preserves its distribution in expectation, while
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from pipeline.faults import crash_point
 from pipeline.fileio import atomic_write_text
 from pipeline.generate import generate_all
 from pipeline.inputs import Example, read_examples, render_prompt_ids
-from pipeline.models import load_for_inference
 from pipeline.model_source import open_model_source
+from pipeline.models import load_for_inference
 
 
 @dataclass

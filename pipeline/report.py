@@ -1,171 +1,19 @@
-"""The sweep's outputs for people: the recommendation, the report table (report.md), the trade-off plot
-(tradeoff.png) and the training curves (curves.png).
+"""The sweep's outputs for people: the report table (report.md), the trade-off plot (tradeoff.png) and the
+training curves (curves.png), with the recommendation (recommend.py) in words.
 
 Pure presentation of the rows that sweep.py collected (one per run, each with its evaluate report and the eval
-lines of its metrics.jsonl); nothing here trains, scores or touches a run directory. The recommendation:
-
-    1. candidates: the trained runs (never the base) whose task score is within `tolerance` of the best run's;
-    2. the pick: the candidate that forgets least (full-vocabulary KL(base || tuned) on held-out general
-       prompts); ties go to the cheaper run (train time).
-
-When the task score does not separate the trained runs (all equal, e.g. all 0 after a few steps of a hard task,
-or not scored), step 1 uses held-out task CE instead: lower is better and the tolerance is relative (CE at most
-(1 + tolerance) x the best run's). The report, the plot and recommendation.json say which rule was used.
+lines of its metrics.jsonl); nothing here trains, scores or touches a run directory.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.fileio import atomic_path, atomic_write_text
-
-SCORE = "exact_match"  # the task's own score in evaluate's report (higher is better)
-SCORE_LABEL = "task exact match"
-# [float tolerance note] 0.50 - 0.48 is 0.020000000000000018 in floats: a run exactly at the tolerance edge
-# must count as within it, so comparisons allow this much slack (far below any score's resolution).
-EDGE = 1e-9
-
-
-@dataclass(frozen=True)
-class RunFigures:
-    """The figures of one run that the report, the plot and the recommendation use (None where not measured)."""
-
-    name: str
-    score: float | None  # task exact match, 0..1
-    examples: int | None  # task eval examples behind `score`
-    task_ce: float | None
-    kl: float | None  # forgetting: full-vocabulary KL(base || tuned), per token
-    top1_agreement: float | None
-    kl_topk: float | None  # cached k+1 buckets: a lower bound of `kl`
-    general_ce: float | None
-    base_general_ce: float | None
-    train_seconds: float | None
-
-    @property
-    def score_error(self) -> float | None:
-        return sampling_error(self.score, self.examples)
-
-
-def sampling_error(p: float | None, n: int | None) -> float | None:
-    """Standard error of a proportion p measured on n examples: sqrt(p (1 - p) / n)."""
-    if p is None or not n:
-        return None
-    return math.sqrt(max(p * (1 - p), 0.0) / n)
-
-
-def run_figures(row: dict) -> RunFigures:
-    """A sweep row's figures; keys an older or partial evaluate report lacks become None."""
-    ev = row.get("eval") or {}
-    task, forget = ev.get("task") or {}, ev.get("forgetting") or {}
-    return RunFigures(name=row["name"], score=task.get(SCORE), examples=task.get("examples"), task_ce=task.get("ce"),
-                      kl=forget.get("kl"), top1_agreement=forget.get("top1_agreement"), kl_topk=forget.get("kl_topk"),
-                      general_ce=forget.get("ce"), base_general_ce=forget.get("base_ce"),
-                      train_seconds=row.get("train_seconds"))
-
-
-def choose_rule(runs: list[RunFigures]) -> str:
-    """"task_score" when the task score separates the trained runs, else "task_ce" (see the module docstring)."""
-    scores = [r.score for r in runs]
-    if not scores or None in scores:
-        return "task_ce"
-    # One run needs no separating; several that all score the same (e.g. all 0) do.
-    return "task_score" if len(scores) == 1 or max(scores) - min(scores) > EDGE else "task_ce"
-
-
-@dataclass
-class Recommendation:
-    """The picked run and why; `to_json()` is recommendation.json."""
-
-    name: str
-    rule: str  # "task_score" or "task_ce"
-    tolerance: float
-    tolerance_kind: str  # "absolute" (task score) or "relative" (task CE)
-    reason: str  # why this run, one or two sentences
-    fallback: str | None  # the sentence saying the task score did not separate the runs
-    warning: str | None  # the tolerance is below the sampling error
-    candidates: list[str]  # the runs within the tolerance, best first
-    figures: dict
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def _kl_key(r: RunFigures) -> tuple[float, float]:
-    """Least forgetting first; ties (equal to 6 significant digits) go to the cheaper run."""
-    kl = float(f"{r.kl:.6g}") if r.kl is not None else math.inf
-    return kl, r.train_seconds if r.train_seconds is not None else math.inf
-
-
-def recommend(rows: list[dict], tolerance: float) -> Recommendation | None:
-    """The run to use: within `tolerance` of the best task score, the one that forgets least (module docstring).
-
-    Args:
-        rows: sweep rows (name, eval, train_seconds); the row named "base" is never picked.
-        tolerance: absolute on the task score (0.02 = 2 points of exact match); relative on task CE.
-    Returns:
-        None when no trained run has a task score or a task CE.
-    """
-    runs = [run_figures(r) for r in rows if r["name"] != "base"]
-    rule = choose_rule(runs)
-    if rule == "task_score":
-        best = max(runs, key=lambda r: r.score)
-        within = [r for r in runs if best.score - r.score <= tolerance + EDGE]
-        measure = f"task exact match is within {tolerance:g} of the best ({best.score:.3f}, {best.name})"
-        fallback = None
-    else:
-        runs = [r for r in runs if r.task_ce is not None]
-        if not runs:
-            return None
-        best = min(runs, key=lambda r: r.task_ce)
-        within = [r for r in runs if r.task_ce <= best.task_ce * (1 + tolerance) + EDGE]
-        percent = f"{tolerance * 100:g}%"
-        measure = f"held-out task CE is within {percent} of the best ({best.task_ce:.4f}, {best.name})"
-        scores = {r.score for r in runs}
-        why = f"all {scores.pop():.3f}" if len(scores) == 1 and None not in scores else "not scored for every run"
-        fallback = (f"The task exact match does not separate the runs ({why}), so the pick uses held-out task CE "
-                    f"instead (lower is better; the tolerance is then relative: within {percent} of the best CE).")
-    within.sort(key=_kl_key)
-    pick = within[0]
-    if len(within) == 1:
-        reason = f"{pick.name} is the only run whose {measure}."
-    else:
-        others = ", ".join(f"{r.name}: {_fmt(r.kl)}" for r in within[1:])
-        reason = (f"Of the {len(within)} runs whose {measure}, {pick.name} forgets least (forgetting KL "
-                  f"{_fmt(pick.kl)}, against {others}).")
-        tied = [r for r in within[1:] if _kl_key(r)[0] == _kl_key(pick)[0]]
-        if tied:
-            cheaper = ("trained in less time" if _kl_key(tied[0])[1] > _kl_key(pick)[1] else
-                       "trained in no more time and is listed first")
-            reason += (f" It ties on forgetting with {', '.join(r.name for r in tied)} and {cheaper} "
-                       f"({_fmt(pick.train_seconds, 0)} s against {_fmt(tied[0].train_seconds, 0)} s).")
-    left_out = [r.name for r in runs if r not in within]
-    if left_out:
-        reason += f" Left out as learning less of the task: {', '.join(left_out)}."
-    warning = None
-    error = best.score_error if rule == "task_score" else None
-    if error is not None and tolerance < error:
-        warning = (f"The tolerance ({tolerance:g}) is below the sampling error of the best run's task score "
-                   f"(+/- {error:.3f} on {best.examples} examples): runs as good within that error may have been "
-                   "left out; raise --task-tolerance or score more examples.")
-    figures = {"task_exact_match": pick.score, "task_exact_match_error": pick.score_error,
-               "task_examples": pick.examples, "task_ce": pick.task_ce, "forgetting_kl": pick.kl,
-               "top1_agreement": pick.top1_agreement, "kl_topk": pick.kl_topk, "general_ce": pick.general_ce,
-               "base_general_ce": pick.base_general_ce, "train_seconds": pick.train_seconds}
-    return Recommendation(name=pick.name, rule=rule, tolerance=tolerance,
-                          tolerance_kind="absolute" if rule == "task_score" else "relative", reason=reason,
-                          fallback=fallback, warning=warning, candidates=[r.name for r in within], figures=figures)
-
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+from pipeline.recommend import EDGE, SCORE_LABEL, Recommendation, RunFigures, choose_rule, fmt_number, run_figures
 
 
 def _fmt_score(r: RunFigures) -> str:
@@ -190,9 +38,9 @@ def report_table(rows: list[dict]) -> str:
     for row in rows:
         r = run_figures(row)
         lines.append("| " + " | ".join([
-            r.name, _fmt(row.get("kd_lambda"), 2), _fmt(row.get("rehearsal_ratio"), 2), kd_on_cell(row),
-            _fmt_score(r), _fmt(r.task_ce), _fmt(r.kl), _fmt(r.top1_agreement, 3), _fmt(r.kl_topk), _fmt(r.general_ce),
-            _fmt(r.train_seconds, 0)]) + " |")
+            r.name, fmt_number(row.get("kd_lambda"), 2), fmt_number(row.get("rehearsal_ratio"), 2), kd_on_cell(row),
+            _fmt_score(r), fmt_number(r.task_ce), fmt_number(r.kl), fmt_number(r.top1_agreement, 3),
+            fmt_number(r.kl_topk), fmt_number(r.general_ce), fmt_number(r.train_seconds, 0)]) + " |")
     return "\n".join(lines) + "\n"
 
 

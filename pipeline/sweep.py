@@ -24,8 +24,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
+from pipeline.cache.read import open_cache
 from pipeline.config import (
     EvalConfig,
     SweepConfig,
@@ -33,18 +32,19 @@ from pipeline.config import (
     _coerce,
     load_config,
     overlay,
-    run_differences,
+    settings_in,
 )
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fileio import atomic_dir, atomic_write_json, read_json
-from pipeline.reader import open_cache
-from pipeline.report import Recommendation, plot_curves, plot_tradeoff, recommend, write_report
+from pipeline.recommend import Recommendation, recommend
+from pipeline.report import plot_curves, plot_tradeoff, write_report
+from pipeline.run_dir import read_run_yaml, refuse_other_settings
 from pipeline.train import steps_for_epochs, train
 
 # Train settings that a sweep sets itself, per run.
-PER_RUN = ("cache", "out", "resume", "overwrite")
-EVAL_KEYS = ("max_new_tokens", "task_score", "limit")
+PER_RUN = ("cache", "out", *settings_in(TrainConfig, "run"))
+EVAL_KEYS = settings_in(EvalConfig, "scoring")
 
 
 @dataclass
@@ -104,24 +104,14 @@ def _finished(run_dir: Path, want: TrainConfig, cache_fingerprint: str) -> bool:
     """True if run_dir holds a finished run with exactly these settings; refuse one trained otherwise.
 
     Settings that only change what a run reports and where things are (the sweep directory or cache moved, or
-    spelled as another path) may differ; the cache's content may not (config.run_differences).
+    spelled as another path) may differ; the cache's content may not (run_dir.refuse_other_settings).
     """
-    run_yaml = run_dir / "run.yaml"
-    if not run_yaml.exists():
+    recorded = read_run_yaml(run_dir)
+    if recorded is None:
         return False
-    try:
-        doc = yaml.safe_load(run_yaml.read_text())
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{run_yaml}: unreadable ({e}); delete {run_dir} to redo this run") from e
-    diffs, other_cache = run_differences(doc, want, cache_fingerprint)
-    if diffs:
-        key, have, asked = diffs[0]
-        raise PipelineError(f"{run_dir}: trained with other settings ({key}: run has {have!r}, asked for {asked!r}); "
-                            "use another sweep --out or delete that run")
-    if other_cache:
-        raise PipelineError(f"{run_dir}: trained from another cache (its shards differ from {want.cache}); use "
-                            "another sweep --out or delete that run")
-    return doc.get("status") == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
+    refuse_other_settings(run_dir, recorded, want, cache_fingerprint, doing="trained",
+                          fix="use another sweep --out or delete that run")
+    return recorded.get("status") == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
 def _eval_current(path: Path, eval_cfg: EvalConfig) -> dict | None:
@@ -179,7 +169,7 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
             gc.collect()
         else:
             log(f"== run {i}/{len(runs)}: {run.name} (finished earlier, kept)")
-        summary = yaml.safe_load((run_dir / "run.yaml").read_text()).get("summary", {})
+        summary = (read_run_yaml(run_dir) or {}).get("summary", {})
         rows.append({"name": run.name, "kd_lambda": train_cfg.kd_lambda, "rehearsal_ratio": train_cfg.rehearsal_ratio,
                      "kd_on": train_cfg.kd_on, "eval": report, "train_seconds": summary.get("train_seconds"),
                      "curve": eval_curve(lines := metric_lines(run_dir / "metrics.jsonl")),

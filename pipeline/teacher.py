@@ -13,8 +13,8 @@ import contextlib
 import numpy as np
 import torch
 
+from pipeline.forward import OutputHead, forward_hidden, response_positions
 from pipeline.losses import topk_logprobs
-from pipeline.models import OutputHead, forward_hidden, response_positions
 
 # What a stored log-prob is rounded to: the cache's `storage.logprobs` setting names one of these.
 LOGPROB_DTYPES = {"float16": np.float16, "float32": np.float32}

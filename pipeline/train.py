@@ -1,14 +1,15 @@
 """Stage two, `pipeline train`: a LoRA adapter trained against the cached teacher, top to bottom.
 
-    setup   verify the cache against the model, load the 4-bit base + LoRA, optimiser, schedule, streams
-    fit     for each optimiser step: draw the mixed examples, forward/backward each micro-batch with the
-            loss normalised by the step's token counts, clip, step; log, score the held-out rows
-            (--eval-every), checkpoint, stop on divergence
-    finish  save OUT/adapter, OUT/run.yaml
+    setup             check the inputs against the cache and the model, prepare OUT, load the 4-bit base + LoRA,
+                      optimiser, schedule, data streams
+    fit               for each optimiser step: draw the mixed examples, forward_backward each micro-batch with the
+                      loss normalised by the step's token counts, clip, step; log, score the held-out rows
+                      (--eval-every), checkpoint, stop on divergence
+    train             setup, resume from a checkpoint, fit, then save OUT/adapter and OUT/run.yaml
 
-Loss per step (DESIGN.md section 5), means over the response tokens of the WHOLE step:
+Loss per step (docs/design.md, "The loss"), means over the response tokens of the WHOLE step:
     CE + kd_lambda * T^2 * KL  (+ l2 * sum ||LoRA||^2)
-With --max-forgetting, kd_lambda is a Lagrange multiplier updated after every step ([forgetting budget note]).
+With --max-forgetting, kd_lambda is a Lagrange multiplier updated after every step (budget.py).
 """
 
 from __future__ import annotations
@@ -16,25 +17,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import yaml
 
 from pipeline import __version__, distributed
+from pipeline.adapters import save_adapter
+from pipeline.batches import TrainBatch, collate_rows
+from pipeline.budget import dual_ascent, next_kd_lambda
+from pipeline.cache.read import Cache, MemoryRows, describe, open_cache
+from pipeline.cache.schema import CachedRow
 from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import TrainConfig, run_differences, to_dict
-from pipeline.data import draw_step, rehearsal_total
+from pipeline.config import CacheConfig, TrainConfig, to_dict
+from pipeline.device import resolve_runtime
 from pipeline.errors import PipelineError
 from pipeline.evaluate import eval_rows, score_rows
 from pipeline.faults import crash_point
-from pipeline.fileio import atomic_write_text, fsync_dir, remove_tmp_files
-from pipeline.format import CachedRow
-from pipeline.losses import l2_penalty, response_losses
+from pipeline.fileio import fsync_dir
+from pipeline.forward import OutputHead, head_losses, output_head, response_positions, student_losses
+from pipeline.losses import l2_penalty
+from pipeline.memory import footprint
 from pipeline.metrics import (
     MetricsLog,
     StepStats,
@@ -44,232 +50,227 @@ from pipeline.metrics import (
     require_tensorboard,
     reset_peak_memory,
 )
-from pipeline.models import (
-    attach_lora,
-    base_of,
-    check_attn,
-    eval_mode,
-    footprint,
-    forward_hidden,
-    load_model,
-    open_model_source,
-    output_head,
-    resolve_device,
-    resolve_precision,
-    response_positions,
-    save_adapter,
-)
-from pipeline.reader import Cache, MemoryRows, RowStream, TrainBatch, collate_rows, describe, open_cache
+from pipeline.mixing import RowStream, draw_step, rehearsal_total
+from pipeline.model_source import ModelSource, open_model_source
+from pipeline.models import attach_lora, base_of, eval_mode, load_model
+from pipeline.run_dir import prepare_run_dir, read_run_yaml, refuse_other_settings, write_run_yaml
 from pipeline.teacher import as_stored, teacher_topk
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """How long a run trains: the steps it makes and the epochs they are, whichever of the two was given
+    (run.yaml's `resolved` block)."""
+
+    max_steps: int
+    epochs: float | None  # passes over the task training rows; None without task rows
+    task_rows: int
+    task_rows_per_step: float
 
 
 @dataclass
 class Run:
     """Everything `fit` needs, built by `setup`."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # as asked (run.yaml records it; --resume compares against it)
+    length: RunLength  # the run's length, --epochs resolved into steps
     out: Path
-    cache: Cache | MemoryRows  # MemoryRows: --online-teacher, no cache
-    model: object
-    head: object
-    tokenizer: object
+    rows: Cache | MemoryRows  # MemoryRows: --online-teacher, no cache
+    model: torch.nn.Module  # the PEFT model: 4-bit base + LoRA
+    head: OutputHead
+    tokenizer: PreTrainedTokenizerBase
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     task: RowStream
     rehearsal: RowStream | None
     device: torch.device
     precision: str
+    top_k: int
     temperature: float
     state: TrainState = field(default_factory=TrainState)
     ddp: torch.nn.Module | None = None  # the DistributedDataParallel decoder under torchrun (see wrap_ddp)
-    top_k: int = 0
-    online: bool = False  # --online-teacher: targets computed at every step (online_targets)
-    teacher: object | None = None  # a separate teacher model for online targets (benchmarks); None: adapter off
-    eval_task: list = field(default_factory=list)  # --eval-every: held-out task rows (rank 0 only)
-    eval_general: list = field(default_factory=list)  # --eval-every: held-out rehearsal rows (rank 0 only)
+    teacher: torch.nn.Module | None = None  # a separate teacher for online targets (benchmarks); None: adapter off
+    eval_task: list[CachedRow] = field(default_factory=list)  # --eval-every: held-out task rows (rank 0 only)
+    eval_general: list[CachedRow] = field(default_factory=list)  # --eval-every: held-out rehearsal rows (rank 0)
     last_eval: dict | None = None  # the last eval line written
-    asked: TrainConfig | None = None  # the config as given (run.yaml, --resume); cfg has --epochs resolved
-    resolved: dict = field(default_factory=dict)  # max_steps and epochs, each implied by the other (run.yaml)
+    online: bool = False  # --online-teacher: targets computed at every step (online_targets), no cache
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # setup
 # ----------------------------------------------------------------------------------------------------------------
 
-def prepare_out_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if cfg.overwrite:
-            shutil.rmtree(out)
-        elif not cfg.resume:
-            raise PipelineError(f"{out}: not empty; pass --resume to continue the run in it or --overwrite to "
-                                "start afresh")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CHECKPOINTS).mkdir(exist_ok=True)
-    except OSError as e:  # e.g. a read-only file system, or a path under a regular file
-        raise PipelineError(f"{out}: cannot create the run directory: {e.strerror or e}") from e
-    remove_tmp_files(out)  # adapter/, run.yaml, metrics.jsonl of a killed run
-    remove_tmp_files(out / CHECKPOINTS)
-    return out
-
-
-
-
-def check_resume_settings(cfg: TrainConfig, out: Path, cache_fingerprint: str | None) -> None:
-    """A resumed run must continue with the settings it started with (else the result is neither run).
-
-    Paths may differ (a run directory or cache that was moved); the cache's content must not.
-    """
-    run_yaml = out / "run.yaml"
-    if not cfg.resume or not run_yaml.exists():
-        return
-    try:
-        doc = yaml.safe_load(run_yaml.read_text()) or {}
-    except yaml.YAMLError:
-        return
-    diffs, other_cache = run_differences(doc, cfg, cache_fingerprint)
-    if diffs:
-        key, was, now = diffs[0]
-        raise PipelineError(f"{out}: --resume with other settings: {key} was {was!r}, now {now!r}; resume with "
-                            "the same settings or use --overwrite")
-    if other_cache:
-        raise PipelineError(f"{out}: --resume with another cache (its shards differ from the ones this run "
-                            "started with); resume with the same cache or use --overwrite")
-
-
-def cache_default(name: str):
-    """cache-teacher's default for a setting: what --online-teacher uses when the flag is not given."""
-    from dataclasses import fields
-
-    from pipeline.config import CacheConfig
-
-    return next(f.default for f in fields(CacheConfig) if f.name == name)
-
-
-def online_rows(cfg: TrainConfig, tokenizer, log=print) -> MemoryRows:
-    """--online-teacher: the training JSONL read and tokenised exactly as cache-teacher would, kept in memory."""
-    from pipeline.cache import prepare
-    from pipeline.config import CacheConfig
-
-    ccfg = CacheConfig(model=cfg.model, task_train=cfg.task_train, rehearsal_train=cfg.rehearsal_train, out="-",
-                       max_length=cfg.max_length or cache_default("max_length"), skip_bad_lines=cfg.skip_bad_lines,
-                       columns=cfg.columns)
-    examples, _, _ = prepare(ccfg, tokenizer, log)
-    empty_ids, empty_lps = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
-    return MemoryRows([CachedRow(e.id, e.role, e.split, np.asarray(e.input_ids, np.int64),
-                                 np.asarray(e.loss_mask, bool), empty_ids, empty_lps) for e in examples])
-
-
 def setup(cfg: TrainConfig, log=print) -> Run:
-    # Under torchrun each step below runs on every rank and a user error stops all of them alike
-    # (distributed.agree); the shards' checksums are read once per machine, the output directory by rank 0 only.
-    asked = cfg
+    """Check everything, then load the model: a list of steps, each a function below.
+
+    Under torchrun each step runs on every rank and a user error stops all of them alike (distributed.agree); the
+    shards' checksums are read once per machine, the output directory prepared by rank 0 only.
+    """
     if cfg.report_to == "tensorboard":  # before anything slow; rank 0 alone writes the events
         distributed.agree(lambda: require_tensorboard() if distributed.is_main() else None)
     cache = None if cfg.online_teacher else distributed.agree(
         lambda: open_cache(cfg.cache, verify=distributed.local_rank() == 0))
     source = open_model_source(cfg.model)
-    fingerprint = source.fingerprint
+    _ = source.fingerprint  # all ranks here together: local rank 0 hashes the weights, the others wait for it
+    rows, length, device, precision = distributed.agree(lambda: check_inputs(cfg, cache, source, log))
+    out = distributed.agree(lambda: prepare_out(cfg, cache))
+    note_cache_differences(cache, precision, cfg.attn, log)
+    model, ddp = load_student(cfg, source, device, precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(cfg, params, length.max_steps)
+    n_reh = rows.count("rehearsal", "train")
+    task = RowStream(rows, "task", "train", cfg.seed)
+    rehearsal = RowStream(rows, "rehearsal", "train", cfg.seed) if n_reh else None
+    top_k, temperature = teacher_settings(cfg, cache)
+    run = Run(cfg, length, out, rows, model, output_head(model), source.tokenizer, optimizer, scheduler, task,
+              rehearsal, device, precision, top_k, temperature, ddp=ddp, online=cache is None)
+    if cfg.eval_every and distributed.is_main():
+        run.eval_task = eval_rows(cache, "task", cfg.eval_limit)
+        run.eval_general = eval_rows(cache, "rehearsal", cfg.eval_limit)
+    describe_run(run, log)
+    return run
 
-    def check_inputs() -> tuple[object, object, int, torch.device, str]:
-        nonlocal cfg
-        tokenizer = source.tokenizer
+
+def describe_run(run: Run, log=print) -> None:
+    """The lines train prints before its first step: the targets, the model, the batch, the length, the curves."""
+    cfg, length = run.cfg, run.length
+    n_reh = run.rows.count("rehearsal", "train")
+    if run.online:
+        log(f"online teacher: top_k {run.top_k}, T {run.temperature} (task {run.rows.count('task', 'train')}, "
+            f"rehearsal {n_reh} training rows)")
+    else:
+        log(f"cache {describe(run.rows)}")
+    n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    log(f"model {cfg.model}: {n_params:,} trainable LoRA parameters, {run.precision}, {run.device}")
+    log(footprint(run.model).describe())
+    if run.ddp is not None:
+        log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
+            f"per step, {global_batch(cfg)} per step in all")
+    if length.epochs is not None:
+        log(f"{length.max_steps} steps: {length.epochs:g} epochs of {length.task_rows} task rows, "
+            f"{length.task_rows_per_step:g} a step")
+    if cfg.eval_every and distributed.is_main():
+        log(f"held-out scoring every {cfg.eval_every} steps: {len(run.eval_task)} task, {len(run.eval_general)} "
+            "general rows")
+
+
+def check_inputs(cfg: TrainConfig, cache: Cache | None, source: ModelSource, log=print
+                 ) -> tuple[Cache | MemoryRows, RunLength, torch.device, str]:
+    """Every check of the training rows against the settings, before any model is loaded.
+
+    Returns:
+        (the rows to train on, the run's length, device, precision).
+    """
+    if cache is None:
+        rows = online_rows(cfg, source.tokenizer, log)
+    else:
+        cache.check_compatible(model_fingerprint=source.fingerprint, tokenizer_fingerprint=source.tokenizer_fingerprint,
+                               max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
         rows = cache
-        if rows is None:
-            rows = online_rows(cfg, tokenizer, log)
-        else:
-            rows.check_compatible(model_fingerprint=fingerprint, tokenizer_fingerprint=source.tokenizer_fingerprint,
-                                  max_length=cfg.max_length, top_k=cfg.top_k, temperature=cfg.temperature)
-        n_task, n_reh = rows.count("task", "train"), rows.count("rehearsal", "train")
-        cfg = dataclasses.replace(cfg, epochs=None, max_steps=cfg.max_steps or steps_for_epochs(cfg, n_task))
-        if cfg.max_forgetting is not None and n_reh == 0:
-            raise PipelineError(f"{rows.path}: --max-forgetting is measured on rehearsal examples, and there are no "
-                                "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
-                                "--online-teacher) or drop --max-forgetting")
-        if cfg.rehearsal_ratio > 0 and n_reh == 0:
-            # With the KL on rehearsal examples (the default), no rehearsal leaves no KL term: plain QLoRA.
-            no_rehearsal = ("--rehearsal-ratio 0 --kd-lambda 0 (plain QLoRA)"
-                            if cfg.kd_on == "rehearsal" and cfg.kd_lambda > 0 else "--rehearsal-ratio 0")
-            raise PipelineError(f"{rows.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but there are no "
-                                "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
-                                f"--online-teacher) or pass {no_rehearsal}")
-        if cfg.rehearsal_ratio < 1 and n_task == 0:
-            raise PipelineError(f"{rows.path}: no task training rows (--task-train)")
-        if cfg.eval_every and not (rows.count("task", "eval") or rows.count("rehearsal", "eval")):
-            raise PipelineError(f"{rows.path}: --eval-every scores held-out rows, and the cache has none; cache "
-                                "--task-eval and/or --rehearsal-eval data, or pass --eval-every 0")
-        n = global_batch(cfg)
-        if cfg.rehearsal_ratio > 0 and rehearsal_total(cfg.rehearsal_ratio, n, cfg.max_steps) == 0:
-            raise PipelineError(f"rehearsal_ratio {cfg.rehearsal_ratio} of {n} examples per step over {cfg.max_steps} "
-                                "steps rounds to no rehearsal example at all; raise --rehearsal-ratio, the batch or "
-                                "--max-steps, or pass --rehearsal-ratio 0")
-        device = distributed.place(resolve_device(cfg.device))
-        check_attn(cfg.attn, device)
-        return tokenizer, rows, n_reh, device, resolve_precision(cfg.precision, device)
+    n_task, n_reh = rows.count("task", "train"), rows.count("rehearsal", "train")
+    length = run_length(cfg, n_task)
+    if cfg.max_forgetting is not None and n_reh == 0:
+        raise PipelineError(f"{rows.path}: --max-forgetting is measured on rehearsal examples, and there are no "
+                            "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
+                            "--online-teacher) or drop --max-forgetting")
+    if cfg.rehearsal_ratio > 0 and n_reh == 0:
+        # With the KL on rehearsal examples (the default), no rehearsal leaves no KL term: plain QLoRA.
+        no_rehearsal = ("--rehearsal-ratio 0 --kd-lambda 0 (plain QLoRA)"
+                        if cfg.kd_on == "rehearsal" and cfg.kd_lambda > 0 else "--rehearsal-ratio 0")
+        raise PipelineError(f"{rows.path}: rehearsal_ratio is {cfg.rehearsal_ratio} but there are no "
+                            "rehearsal training rows; give --rehearsal-train (to cache-teacher, or here with "
+                            f"--online-teacher) or pass {no_rehearsal}")
+    if cfg.rehearsal_ratio < 1 and n_task == 0:
+        raise PipelineError(f"{rows.path}: no task training rows (--task-train)")
+    if cfg.eval_every and not (rows.count("task", "eval") or rows.count("rehearsal", "eval")):
+        raise PipelineError(f"{rows.path}: --eval-every scores held-out rows, and the cache has none; cache "
+                            "--task-eval and/or --rehearsal-eval data, or pass --eval-every 0")
+    n = global_batch(cfg)
+    if cfg.rehearsal_ratio > 0 and rehearsal_total(cfg.rehearsal_ratio, n, length.max_steps) == 0:
+        raise PipelineError(f"rehearsal_ratio {cfg.rehearsal_ratio} of {n} examples per step over "
+                            f"{length.max_steps} steps rounds to no rehearsal example at all; raise --rehearsal-ratio, "
+                            "the batch or --max-steps, or pass --rehearsal-ratio 0")
+    device, precision = resolve_runtime(cfg.device, cfg.precision, cfg.attn)
+    return rows, length, device, precision
 
-    tokenizer, rows, n_reh, device, precision = distributed.agree(check_inputs)
 
-    def make_out_dir() -> Path:
-        if not distributed.is_main():
-            return Path(cfg.out)
-        out = prepare_out_dir(cfg)
-        check_resume_settings(asked, out, cache.fingerprint if cache is not None else None)
+def prepare_out(cfg: TrainConfig, cache: Cache | None) -> Path:
+    """OUT made ready by rank 0 (emptied with --overwrite), and on --resume the recorded run checked against cfg."""
+    out = Path(cfg.out)
+    if not distributed.is_main():
         return out
+    prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, subdirs=(CHECKPOINTS,))
+    recorded = read_run_yaml(out) if cfg.resume else None
+    if recorded is not None:
+        refuse_other_settings(out, recorded, cfg, cache.fingerprint if cache is not None else None,
+                              doing="--resume", fix="resume with the same settings or use --overwrite")
+    return out
 
-    out = distributed.agree(make_out_dir)
-    if cache is not None and precision != cache.manifest.get("precision"):
+
+def note_cache_differences(cache: Cache | None, precision: str, attn: str, log=print) -> None:
+    """Say when the cache was computed in another precision or attention kernel: the step-0 KL will not be ~0."""
+    if cache is None:
+        return
+    if precision != cache.manifest.get("precision"):
         log(f"note: the cache was computed in {cache.manifest.get('precision')}, training runs in {precision}; "
             "the step-0 KL will not be ~0")
-    if cache is not None and cache.manifest.get("attn", "sdpa") != cfg.attn:
+    if cache.manifest.get("attn", "sdpa") != attn:
         log(f"note: the cache was computed with --attn {cache.manifest.get('attn', 'sdpa')}, training runs with "
-            f"{cfg.attn}; the step-0 KL may not be ~0")
+            f"{attn}; the step-0 KL may not be ~0")
 
+
+def load_student(cfg: TrainConfig, source: ModelSource, device: torch.device, precision: str
+                 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The 4-bit base with a fresh LoRA adapter, in train mode; under torchrun also its DDP-wrapped decoder."""
     torch.manual_seed(cfg.seed)  # LoRA init
     model = load_model(source.path, device, precision, attn=cfg.attn)
     model = attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
     model.train()
-    ddp = None
-    if distributed.world_size() > 1:
-        # Rank 0 keeps the single-process random stream; the others draw their own LoRA dropout masks.
-        if distributed.rank() > 0:
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, distributed.rank()]).generate_state(1)[0]))
-        ddp = distributed.wrap_ddp(base_of(model).get_decoder(), device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if distributed.world_size() == 1:
+        return model, None
+    # Rank 0 keeps the single-process random stream; the others draw their own LoRA dropout masks.
+    if distributed.rank() > 0:
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, distributed.rank()]).generate_state(1)[0]))
+    return model, distributed.wrap_ddp(base_of(model).get_decoder(), device)
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], max_steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the LoRA parameters, with linear warm-up then cosine decay over the run."""
     from transformers import get_cosine_schedule_with_warmup
 
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps)
-    task = RowStream(rows, "task", "train", cfg.seed)
-    rehearsal = RowStream(rows, "rehearsal", "train", cfg.seed) if n_reh else None
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, max_steps), max_steps)
+
+
+def cache_default(name: str):
+    """cache-teacher's default for a setting: what --online-teacher uses when the flag is not given."""
+    return next(f.default for f in dataclasses.fields(CacheConfig) if f.name == name)
+
+
+def teacher_settings(cfg: TrainConfig, cache: Cache | None) -> tuple[int, float]:
+    """(top_k, temperature) of the targets: the cache's, or for --online-teacher the flags' or cache-teacher's
+    defaults."""
     if cache is not None:
-        log(f"cache {describe(cache)}")
-        top_k, temperature = cache.top_k, cache.temperature
-    else:
-        top_k = cfg.top_k or cache_default("top_k")
-        temperature = cfg.temperature or cache_default("temperature")
-        log(f"online teacher: top_k {top_k}, T {temperature} (task {rows.count('task', 'train')}, rehearsal "
-            f"{n_reh} training rows)")
-    log(f"model {cfg.model}: {sum(p.numel() for p in params):,} trainable LoRA parameters, {precision}, {device}")
-    log(footprint(model).describe())
-    if ddp is not None:
-        log(f"distributed: {distributed.world_size()} processes, {cfg.batch_size * cfg.grad_accum} examples each "
-            f"per step, {global_batch(cfg)} per step in all")
-    resolved = run_length(cfg, asked.epochs, rows.count("task", "train"))
-    if resolved["epochs"] is not None:
-        log(f"{cfg.max_steps} steps: {resolved['epochs']:g} epochs of {resolved['task_rows']} task rows, "
-            f"{resolved['task_rows_per_step']:g} a step")
-    run = Run(cfg, out, rows, model, output_head(model), tokenizer, optimizer, scheduler, task, rehearsal, device,
-              precision, temperature, ddp=ddp, top_k=top_k, online=cache is None, asked=asked, resolved=resolved)
-    if cfg.eval_every and distributed.is_main():
-        run.eval_task = eval_rows(cache, "task", cfg.eval_limit)
-        run.eval_general = eval_rows(cache, "rehearsal", cfg.eval_limit)
-        log(f"held-out scoring every {cfg.eval_every} steps: {len(run.eval_task)} task, {len(run.eval_general)} "
-            "general rows")
-    return run
+        return cache.top_k, cache.temperature
+    return cfg.top_k or cache_default("top_k"), cfg.temperature or cache_default("temperature")
+
+
+def online_rows(cfg: TrainConfig, tokenizer, log=print) -> MemoryRows:
+    """--online-teacher: the training data read and tokenised exactly as cache-teacher would, kept in memory."""
+    from pipeline.cache.write import read_inputs
+
+    ccfg = CacheConfig(model=cfg.model, task_train=cfg.task_train, rehearsal_train=cfg.rehearsal_train, out="-",
+                       max_length=cfg.max_length or cache_default("max_length"), skip_bad_lines=cfg.skip_bad_lines,
+                       columns=cfg.columns)
+    examples, _, _ = read_inputs(ccfg, tokenizer, log)
+    empty_ids, empty_lps = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+    return MemoryRows([CachedRow(e.id, e.role, e.split, np.asarray(e.input_ids, np.int64),
+                                 np.asarray(e.loss_mask, bool), empty_ids, empty_lps) for e in examples])
 
 
 def global_batch(cfg: TrainConfig) -> int:
@@ -278,18 +279,20 @@ def global_batch(cfg: TrainConfig) -> int:
 
 
 def task_rows_per_step(cfg: TrainConfig) -> float:
-    """Task rows an optimiser step draws on average: the global batch less its rehearsal share (DESIGN.md section 6:
-    step s draws round(r*n*s) - round(r*n*(s-1)) rehearsal rows, r*n on average)."""
+    """Task rows an optimiser step draws on average: the global batch less its rehearsal share (docs/design.md,
+    "Rehearsal mixing": step s draws round(r*n*s) - round(r*n*(s-1)) rehearsal rows, r*n on average)."""
     return global_batch(cfg) * (1 - cfg.rehearsal_ratio)
 
 
-def run_length(cfg: TrainConfig, epochs: float | None, task_rows: int) -> dict:
-    """run.yaml's `resolved` block: the steps the run makes and the epochs they are, whichever was given."""
+def run_length(cfg: TrainConfig, task_rows: int) -> RunLength:
+    """The steps the run makes and the epochs they are, from whichever of --max-steps and --epochs was given."""
     per_step = task_rows_per_step(cfg)
-    if epochs is None and task_rows:
-        epochs = round(cfg.max_steps * per_step / task_rows, 4)
-    return {"max_steps": cfg.max_steps, "epochs": epochs, "task_rows": task_rows,
-            "task_rows_per_step": round(per_step, 4)}
+    steps, epochs = cfg.max_steps, cfg.epochs
+    if steps is None:
+        steps = steps_for_epochs(cfg, task_rows)
+    elif task_rows:
+        epochs = round(steps * per_step / task_rows, 4)
+    return RunLength(max_steps=steps, epochs=epochs, task_rows=task_rows, task_rows_per_step=round(per_step, 4))
 
 
 def steps_for_epochs(cfg: TrainConfig, task_rows: int) -> int:
@@ -303,7 +306,8 @@ def steps_for_epochs(cfg: TrainConfig, task_rows: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 def micro_batches(run: Run, step: int) -> list[TrainBatch]:
-    """This process's micro-batches of cfg.batch_size of the step's mixed examples (DESIGN.md section 6).
+    """This process's micro-batches of cfg.batch_size of the step's mixed examples (docs/design.md, "Rehearsal
+    mixing").
 
     [global step note] Under torchrun every rank draws the whole step, global_batch(cfg) examples, from its
     own copy of the same seeded streams (so the stream state is the same on every rank and one checkpoint
@@ -334,10 +338,31 @@ def online_targets(run: Run, batch: TrainBatch) -> tuple[torch.Tensor, torch.Ten
 
 
 def kd_mask_of(batch: TrainBatch, kd_on: str) -> torch.Tensor | None:
+    """Which response tokens get the KL term: those of rehearsal examples (kd_on rehearsal), or all (None)."""
     return batch.is_rehearsal if kd_on == "rehearsal" else None
 
 
-def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
+@dataclass(frozen=True)
+class StepResult:
+    """One optimiser step's loss terms and counts, over all ranks (the same on every rank)."""
+
+    loss: float  # what was minimised: ce + kd_lambda * T^2 * kl + l2
+    ce: float  # per response token
+    kl: float | None  # per KL token (raw, at T); None when not measured this step
+    l2: float
+    response_tokens: int
+    tokens: int  # all non-pad tokens
+    examples: int
+    rehearsal_examples: int
+    kl_rehearsal: float | None  # --max-forgetting: the forward KL per rehearsal token (the constraint)
+
+
+def kd_lambda_of(run: Run) -> float:
+    """The KL weight of the next step: cfg.kd_lambda, or with --max-forgetting the multiplier (which starts there)."""
+    return next_kd_lambda(run.cfg.kd_lambda, run.state.kd_lambda, run.cfg.max_forgetting)
+
+
+def forward_backward(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> StepResult:
     """Forward + backward over all micro-batches of one step, gradients normalised by the step's tokens.
 
     [token-normalised accumulation note] Each micro-batch contributes sum_CE / N_step (and
@@ -358,9 +383,6 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
 
     Args:
         measure_kl: compute the KL for logging even when kd_lambda is 0 (no gradient flows through it then).
-
-    Returns:
-        The step's loss terms and counts over all ranks (the same on every rank).
     """
     cfg, head = run.cfg, run.head
     budget = cfg.max_forgetting is not None
@@ -385,16 +407,12 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         if run.online and (kd or measure_kl):
             batch.teacher_ids, batch.teacher_logprobs = online_targets(run, batch)
         last = i == len(batches) - 1
+        teacher = {"teacher_ids": batch.teacher_ids, "teacher_logprobs": batch.teacher_logprobs,
+                   "kd_mask": kd_mask_of(host, cfg.kd_on), "temperature": run.temperature, "kl": cfg.kl}
         with contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync():
-            hidden = forward_hidden(run.model, batch.input_ids, batch.attention_mask, run.precision,
-                                    body=run.ddp)  # (B, T, H)
-            rows, cols = (t.to(run.device) for t in response_positions(host.loss_mask))
-            h = hidden[rows, cols]  # (N, H): only response positions reach the output head
-            labels = batch.input_ids[rows, cols + 1]
-            teacher = {"teacher_ids": batch.teacher_ids, "teacher_logprobs": batch.teacher_logprobs,
-                       "kd_mask": kd_mask_of(host, cfg.kd_on), "temperature": run.temperature, "kl": cfg.kl}
-            common = {"bias": head.bias, "chunk_size": cfg.loss_chunk_size, "logit_softcap": head.softcap}
-            sums = response_losses(h, head.weight, labels, **common, **(teacher if kd else {}))
+            positions = tuple(t.to(run.device) for t in response_positions(host.loss_mask))
+            sums, h, labels = student_losses(run.model, head, batch, run.precision, chunk_size=cfg.loss_chunk_size,
+                                             body=run.ddp, positions=positions, **(teacher if kd else {}))
             loss = sums.ce / n_tokens
             if kd and n_kd:
                 loss = loss + kd_weight * sums.kl / n_kd
@@ -404,15 +422,15 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
             kl_sum = kl_sum + sums.kl.detach()
         elif measure_kl:  # lambda = 0: the KL is only watched, never part of the loss
             with torch.no_grad():
-                kl_sum = kl_sum + response_losses(h.detach(), head.weight, labels, **common, **teacher).kl
+                kl_sum = kl_sum + head_losses(head, h.detach(), labels, chunk_size=cfg.loss_chunk_size, **teacher).kl
         if budget and reuse:
             kl_reh_sum = kl_reh_sum + sums.kl.detach()
         elif budget and reh.any():  # the constraint, watched: forward KL on rehearsal tokens only
             m = reh.nonzero().squeeze(1).to(run.device)
             with torch.no_grad():
-                watched = response_losses(h.detach()[m], head.weight, labels[m], **common,
-                                          teacher_ids=batch.teacher_ids[m], teacher_logprobs=batch.teacher_logprobs[m],
-                                          temperature=run.temperature, kl="forward")
+                watched = head_losses(head, h.detach()[m], labels[m], chunk_size=cfg.loss_chunk_size,
+                                      teacher_ids=batch.teacher_ids[m], teacher_logprobs=batch.teacher_logprobs[m],
+                                      temperature=run.temperature, kl="forward")
                 kl_reh_sum = kl_reh_sum + watched.kl
     ce_sum, kl_sum, kl_reh_sum = torch.stack([ce_sum, kl_sum, kl_reh_sum]).tolist()  # the step's one sync
     ce_sum, kl_sum, kl_reh_sum, n_all, n_examples, n_rehearsal = distributed.all_reduce_sum([
@@ -426,41 +444,9 @@ def loss_step(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -> dict:
         penalty.backward()
         l2 = penalty.item()
     loss = ce + (kd_weight * kl if kd and kl is not None else 0.0) + l2
-    return {"loss": loss, "ce": ce, "kl": kl, "l2": l2, "response_tokens": n_tokens, "tokens": int(n_all),
-            "examples": int(n_examples), "rehearsal_examples": int(n_rehearsal),
-            "kl_rehearsal": kl_reh_sum / n_reh_tokens if budget and n_reh_tokens else None}
-
-
-# [forgetting budget note] --max-forgetting EPS turns kd_lambda into a Lagrange multiplier of the constraint
-# "KL(base || student) per rehearsal token <= EPS". After each step, with kl the step's forward KL on its
-# rehearsal tokens (from the cached targets, so it costs no teacher pass):
-#     kl_avg <- kl                                   at the first measured step
-#     kl_avg <- BUDGET_EMA * kl_avg + (1 - BUDGET_EMA) * kl     after it
-#     lambda <- max(0, lambda + BUDGET_STEP * (kl_avg - EPS) / EPS)
-# The violation is relative to EPS, so one step size serves budgets of any scale (0.001 or 0.1 nats): while the
-# running KL is twice the budget lambda rises by BUDGET_STEP per step, and under it falls by at most that, so
-# the multiplier falls no faster than it rises and a budget is kept rather than bargained over. 0.2 moves
-# lambda by a few units over the tens of steps of the demo, the range over which fixed lambdas change its
-# forgetting (0 to 1 cut the held-out KL 3x), without swinging it step by step. The running average (about the
-# last 5 steps) smooths the KL of the 2-3 rehearsal examples a step holds. A step without rehearsal tokens
-# measures nothing and leaves both unchanged.
-BUDGET_STEP = 0.2
-BUDGET_EMA = 0.8
-
-
-def dual_ascent(lam: float, kl_avg: float | None, kl: float | None, budget: float) -> tuple[float, float | None]:
-    """One update of the forgetting budget's multiplier ([forgetting budget note]); returns (lambda, kl_avg)."""
-    if kl is None:
-        return lam, kl_avg
-    kl_avg = kl if kl_avg is None else BUDGET_EMA * kl_avg + (1 - BUDGET_EMA) * kl
-    return max(0.0, lam + BUDGET_STEP * (kl_avg - budget) / budget), kl_avg
-
-
-def kd_lambda_of(run: Run) -> float:
-    """The KL weight of the next step: cfg.kd_lambda, or with --max-forgetting the multiplier (which starts there)."""
-    if run.cfg.max_forgetting is None:
-        return run.cfg.kd_lambda
-    return run.cfg.kd_lambda if run.state.kd_lambda is None else run.state.kd_lambda
+    return StepResult(loss=loss, ce=ce, kl=kl, l2=l2, response_tokens=n_tokens, tokens=int(n_all),
+                      examples=int(n_examples), rehearsal_examples=int(n_rehearsal),
+                      kl_rehearsal=kl_reh_sum / n_reh_tokens if budget and n_reh_tokens else None)
 
 
 def optimizer_step(run: Run) -> float:
@@ -505,36 +491,36 @@ def held_out_eval(run: Run, step: int) -> dict:
 def fit(run: Run, log=print) -> dict:
     from tqdm.auto import tqdm
 
-    cfg, s = run.cfg, run.state
+    cfg, s, steps = run.cfg, run.state, run.length.max_steps
     # Without a checkpoint (step 0) nothing is kept: the step-0 line is written again below. Under torchrun rank 0
-    # alone writes; the logged values are over all ranks (loss_step).
+    # alone writes; the logged values are over all ranks (forward_backward).
     main = distributed.is_main()
     metrics = MetricsLog(run.out / "metrics.jsonl", s.step if s.step else -1,
                          tensorboard=cfg.report_to == "tensorboard") if main else None
     # A resumed run continues the sums of the unlogged steps and the loss averages from its checkpoint
     # (TrainState), so its metrics lines and divergence check are those of an uninterrupted run.
-    bar = tqdm(total=cfg.max_steps, initial=s.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
+    bar = tqdm(total=steps, initial=s.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     t_start = time.perf_counter()
     reset_peak_memory(run.device)
     try:
-        while s.step < cfg.max_steps:
+        while s.step < steps:
             t0 = time.perf_counter()
             step = s.step + 1
-            log_now = step % cfg.log_every == 0 or step == cfg.max_steps or step == 1
-            out = loss_step(run, micro_batches(run, step), measure_kl=log_now)
+            log_now = step % cfg.log_every == 0 or step == steps or step == 1
+            out = forward_backward(run, micro_batches(run, step), measure_kl=log_now)
             if step == 1 and s.step0 is None:
                 # The student has not been updated yet: this is the KL to the teacher at step 0 (expect ~0).
-                s.step0 = {"ce": out["ce"], "kl": out["kl"]}
+                s.step0 = {"ce": out.ce, "kl": out.kl}
                 if metrics:
-                    metrics.write({"step": 0, "loss": out["loss"], "ce": out["ce"], "kl": out["kl"]})
+                    metrics.write({"step": 0, "loss": out.loss, "ce": out.ce, "kl": out.kl})
             # The loss is the same on every rank, so every rank stops here alike (rank 0 prints).
-            if not math.isfinite(out["loss"]):
+            if not math.isfinite(out.loss):
                 raise distributed.quiet_elsewhere(PipelineError(
-                    f"step {step}: loss is {out['loss']}; stopped. The last good checkpoint is "
+                    f"step {step}: loss is {out.loss}; stopped. The last good checkpoint is "
                     f"{latest_checkpoint(run.out) or 'none'}; lower --lr or check the data"))
             # [budget divergence note] With --max-forgetting the multiplier may grow many-fold on purpose, and the
             # loss with it: the divergence check then watches the loss without the KL term (CE + L2).
-            watched = out["loss"] if cfg.max_forgetting is None else out["ce"] + out["l2"]
+            watched = out.loss if cfg.max_forgetting is None else out.ce + out.l2
             s.avg = watched if s.avg is None else 0.9 * s.avg + 0.1 * watched
             if s.avg > cfg.divergence_factor * s.best_avg:
                 raise distributed.quiet_elsewhere(PipelineError(
@@ -545,18 +531,18 @@ def fit(run: Run, log=print) -> dict:
             grad_norm = optimizer_step(run)
             lam = kd_lambda_of(run)  # the weight this step trained with
             if cfg.max_forgetting is not None:
-                s.kd_lambda, s.kl_avg = dual_ascent(lam, s.kl_avg, out["kl_rehearsal"], cfg.max_forgetting)
+                s.kd_lambda, s.kl_avg = dual_ascent(lam, s.kl_avg, out.kl_rehearsal, cfg.max_forgetting)
             s.step = step
             dt = time.perf_counter() - t0
             s.window.add(out, dt)
-            s.tokens += out["tokens"]
-            s.examples += out["examples"]
-            s.rehearsal_examples += out["rehearsal_examples"]
+            s.tokens += out.tokens
+            s.examples += out.examples
+            s.rehearsal_examples += out.rehearsal_examples
             s.seconds += dt
             bar.update(1)
-            bar.set_postfix_str(f"loss {out['loss']:.3f} ce {out['ce']:.3f}"
-                                + (f" kl {out['kl']:.4f}" if out["kl"] is not None else "")
-                                + f" {out['tokens'] / dt:.0f} tok/s", refresh=False)
+            bar.set_postfix_str(f"loss {out.loss:.3f} ce {out.ce:.3f}"
+                                + (f" kl {out.kl:.4f}" if out.kl is not None else "")
+                                + f" {out.tokens / dt:.0f} tok/s", refresh=False)
             if log_now:
                 s.last = record(step, s.window, run.scheduler.get_last_lr()[0], grad_norm)
                 if cfg.max_forgetting is not None:  # this step's multiplier, and the running KL it led to
@@ -564,13 +550,13 @@ def fit(run: Run, log=print) -> dict:
                 if metrics:
                     metrics.write(s.last)
                 s.window = StepStats()
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and main:
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == steps) and main:
                 t_eval = time.perf_counter()
                 run.last_eval = held_out_eval(run, step)  # after the step's own line: the curve at `step`
                 s.eval_seconds += time.perf_counter() - t_eval
                 metrics.write(run.last_eval)
             crash_point("train_step")
-            if step % cfg.save_every == 0 and step < cfg.max_steps:
+            if step % cfg.save_every == 0 and step < steps:
                 save_checkpoint(run.out, s, run.model, run.optimizer, run.scheduler, streams_of(run),
                                 cfg.keep_checkpoints)
     finally:
@@ -585,17 +571,18 @@ def streams_of(run: Run) -> dict[str, RowStream | None]:
     return {"task": run.task, "rehearsal": run.rehearsal}
 
 
-def write_run_yaml(run: Run, extra: dict) -> None:
+def record_run(run: Run, extra: dict) -> None:
+    """Write OUT/run.yaml: the config as asked, the run's length, the targets it trained against, and `extra`."""
     if run.online:
         teacher = {"online_teacher": True, "top_k": run.top_k, "temperature": run.temperature}
     else:
-        teacher = {"path": str(run.cache.path), "fingerprint": run.cache.fingerprint, "top_k": run.top_k,
-                   "temperature": run.temperature, "max_length": run.cache.manifest["max_length"],
-                   "teacher": run.cache.manifest["teacher"]}
-    doc = {"config": to_dict(run.asked or run.cfg), "resolved": run.resolved, "cache": teacher,
+        teacher = {"path": str(run.rows.path), "fingerprint": run.rows.fingerprint, "top_k": run.top_k,
+                   "temperature": run.temperature, "max_length": run.rows.manifest["max_length"],
+                   "teacher": run.rows.manifest["teacher"]}
+    doc = {"config": to_dict(run.cfg), "resolved": dataclasses.asdict(run.length), "cache": teacher,
            "precision": run.precision, "device": str(run.device), "world_size": distributed.world_size(),
            "global_batch": global_batch(run.cfg), "package_version": __version__, **extra}
-    atomic_write_text(run.out / "run.yaml", yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    write_run_yaml(run.out, doc)
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -615,7 +602,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     elif cfg.resume:
         log(f"no checkpoint in {run.out / CHECKPOINTS}; starting from step 0")
     if main:
-        write_run_yaml(run, {"status": "running"})
+        record_run(run, {"status": "running"})
     fit(run, log)
     if not main:
         return {}
@@ -640,6 +627,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "tokens_per_s": round(s.tokens / max(s.seconds, 1e-9), 1),
         "peak_memory_mb": round(peak_memory_mb(run.device), 1),
     }
-    write_run_yaml(run, {"status": "finished", "summary": summary})
+    record_run(run, {"status": "finished", "summary": summary})
     return summary
 

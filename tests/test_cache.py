@@ -14,13 +14,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache import build_cache
+from pipeline.cache.schema import MANIFEST
+from pipeline.cache.write import build_cache
 from pipeline.cli import main
 from pipeline.config import CacheConfig
 from pipeline.errors import PipelineError
 from pipeline.fileio import sha256_file
-from pipeline.format import MANIFEST
-from pipeline.models import load_model, load_tokenizer
+from pipeline.model_source import load_tokenizer
+from pipeline.models import load_model
 
 
 def make_cfg(model_dir: Path, corpus: dict[str, Path], out: Path, **kw) -> CacheConfig:
@@ -221,7 +222,7 @@ def test_out_dir_with_other_content_refused(tiny_model_dir, corpus, tmp_path):
 def test_builtin_model_caches_a_few_examples(tmp_path):
     pytest.importorskip("gguf")
     try:
-        from pipeline.models import builtin_gguf
+        from pipeline.model_source import builtin_gguf
 
         builtin_gguf("smollm2-135m-instruct")
     except PipelineError as e:
@@ -242,7 +243,7 @@ def test_builtin_model_caches_a_few_examples(tmp_path):
 
 
 def test_cut_answers_learn_no_end_of_turn(tiny_model_dir, tmp_path):
-    from pipeline.data import read_jsonl, tokenize_example
+    from pipeline.inputs import read_jsonl, tokenize_example
     from tests.conftest import write_jsonl
 
     data = write_jsonl(tmp_path / "r.jsonl", [

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cache import MANIFEST, build_cache
+from pipeline.cache.schema import MANIFEST
+from pipeline.cache.write import build_cache
 from pipeline.config import CacheConfig
 
 COLUMNS = ["example_id", "role", "split", "input_ids", "loss_mask", "target_token_ids", "target_logprobs"]

@@ -13,8 +13,8 @@ import datasets
 import pytest
 
 from pipeline.config import CacheConfig, load_config
-from pipeline.data import input_sha256, read_examples, read_jsonl
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.inputs import input_sha256, read_examples, read_jsonl
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
 from tests.reliability.util import assert_one_line_error, invoke
 

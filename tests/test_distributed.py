@@ -21,10 +21,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.cache import build_cache
+from pipeline.cache.schema import MANIFEST
+from pipeline.cache.write import build_cache
 from pipeline.config import CacheConfig, TrainConfig
 from pipeline.distributed import threads_per_rank
-from pipeline.format import MANIFEST
 from pipeline.train import train
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
 

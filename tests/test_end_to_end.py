@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def builtin():
-    from pipeline.models import builtin_gguf
+    from pipeline.model_source import builtin_gguf
 
     try:
         builtin_gguf("smollm2-135m-instruct")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cache import build_cache
+from pipeline.cache.write import build_cache
 from pipeline.cli import main
 from pipeline.config import DEFAULT_MAX_STEPS, CacheConfig, EvalConfig, SweepConfig, TrainConfig, load_config
 from pipeline.errors import ConfigError
@@ -83,12 +83,12 @@ def test_cli_refuses_epochs_with_max_steps(tmp_path):
 def test_epochs_give_the_steps_of_that_many_passes(tiny_model_dir, cache, tmp_path):
     # 4 examples a step, 30% rehearsal: 2.8 task rows a step on average; 2 epochs of 6 rows = ceil(12 / 2.8) = 5.
     run = setup(train_cfg(tiny_model_dir, cache, tmp_path / "s", epochs=2), **QUIET)
-    assert run.cfg.max_steps == 5 and run.resolved["max_steps"] == 5
+    assert run.cfg.max_steps is None and run.length.max_steps == 5  # the config as asked; the length resolved
     assert run.scheduler.lr_lambdas[0](5) == 0.0 < run.scheduler.lr_lambdas[0](4)  # the schedule ends at step 5
 
     # 25% of 4: exactly 3 task rows every step; 2.2 epochs of 6 rows are 13.2 rows, which the fifth step completes.
     run = setup(train_cfg(tiny_model_dir, cache, tmp_path / "q", epochs=2.2, rehearsal_ratio=0.25), **QUIET)
-    assert run.cfg.max_steps == 5
+    assert run.length.max_steps == 5
     task_rows = [sum(b.input_ids.shape[0] - b.n_rehearsal_examples for b in micro_batches(run, s))
                  for s in range(1, 6)]
     assert sum(task_rows[:4]) < 2.2 * N_TASK <= sum(task_rows)
@@ -225,11 +225,14 @@ def test_tensorboard_missing_is_one_line_before_any_model_loads(tiny_model_dir, 
 def test_resume_may_switch_tensorboard_on(tmp_path):
     from pipeline.config import to_dict
     from pipeline.errors import PipelineError
-    from pipeline.train import check_resume_settings
+    from pipeline.run_dir import read_run_yaml, refuse_other_settings
 
     started = TrainConfig(cache="c", out=str(tmp_path), max_steps=4)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"config": to_dict(started)}))
-    check_resume_settings(TrainConfig(**{**started.__dict__, "resume": True, "report_to": "tensorboard"}), tmp_path,
-                          None)  # how a run reports is not what it trains
+    recorded = read_run_yaml(tmp_path)
+    refuse_other_settings(tmp_path, recorded, TrainConfig(**{**started.__dict__, "resume": True,
+                                                             "report_to": "tensorboard"}),
+                          None, doing="--resume", fix="")  # how a run reports is not what it trains
     with pytest.raises(PipelineError, match="--resume with other settings: lr"):
-        check_resume_settings(TrainConfig(**{**started.__dict__, "resume": True, "lr": 1e-3}), tmp_path, None)
+        refuse_other_settings(tmp_path, recorded, TrainConfig(**{**started.__dict__, "resume": True, "lr": 1e-3}),
+                              None, doing="--resume", fix="")

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cache import build_cache
+from pipeline.cache.read import open_cache
+from pipeline.cache.write import build_cache
 from pipeline.cli import main
 from pipeline.config import CacheConfig, EvalConfig, RehearsalConfig, SweepConfig, TrainConfig
-from pipeline.data import read_jsonl
 from pipeline.errors import PipelineError
 from pipeline.evaluate import answer_text, evaluate, same_answer, split_prompt
-from pipeline.generate import make_rehearsal
-from pipeline.reader import open_cache
+from pipeline.inputs import read_jsonl
+from pipeline.rehearsal import make_rehearsal
 from pipeline.sweep import plan_runs, sweep
 from pipeline.train import train
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
@@ -186,16 +186,16 @@ def test_evaluate_refuses_general_rows_trained_on(tiny_model_dir, tmp_path):
 
 
 def test_sweep_reuses_cache_resumes_and_reports(tiny_model_dir, eval_cache, tmp_path, monkeypatch):
-    import pipeline.cache
+    import pipeline.cache.write
     import pipeline.sweep
     import pipeline.teacher
 
     def no_teacher(*a, **kw):
         raise AssertionError("the sweep must not run the teacher")
 
-    monkeypatch.setattr(pipeline.cache, "teacher_topk", no_teacher)
+    monkeypatch.setattr(pipeline.cache.write, "teacher_topk", no_teacher)
     monkeypatch.setattr(pipeline.teacher, "teacher_topk", no_teacher)
-    monkeypatch.setattr(pipeline.cache, "build_cache", no_teacher)
+    monkeypatch.setattr(pipeline.cache.write, "build_cache", no_teacher)
     manifest_before = (eval_cache / "manifest.json").read_bytes()
     cfg = SweepConfig(model=str(tiny_model_dir), cache=str(eval_cache), out=str(tmp_path / "s"), lambdas=[0.0, 1.0],
                       runs=[{"name": "plain-qlora", "kd_lambda": 0, "rehearsal_ratio": 0}])
@@ -237,8 +237,8 @@ def test_sweep_reuses_cache_resumes_and_reports(tiny_model_dir, eval_cache, tmp_
 
     with pytest.raises(PipelineError) as refused:
         sweep(cfg, {**fixed, "lr": 1e-3}, eval_cfg, command="test", **QUIET)
-    assert str(refused.value) == (f"{tmp_path / 's' / 'kd_lambda=0'}: trained with other settings (lr: run has 0.003, "
-                                  "asked for 0.001); use another sweep --out or delete that run")
+    assert str(refused.value) == (f"{tmp_path / 's' / 'kd_lambda=0'}: trained with other settings: lr was 0.003, now "
+                                  "0.001; use another sweep --out or delete that run")
 
     # ... but settings that only change what a run reports (curves, logging, checkpoints) keep every run, and so
     # does the same cache under another path (a symlink here: moved, or relative against absolute).
@@ -253,7 +253,7 @@ def test_sweep_reuses_cache_resumes_and_reports(tiny_model_dir, eval_cache, tmp_
     doc = yaml.safe_load(run_yaml.read_text())
     doc["cache"]["fingerprint"] = "0" * 64
     run_yaml.write_text(yaml.safe_dump(doc))
-    with pytest.raises(PipelineError, match=r"kd_lambda=1: trained from another cache \(its shards differ from "):
+    with pytest.raises(PipelineError, match=r"kd_lambda=1: trained with another cache \(its shards differ from "):
         sweep(cfg, fixed, eval_cfg, command="test", **QUIET)
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cache import MANIFEST, build_cache
+from pipeline.cache.schema import MANIFEST
+from pipeline.cache.write import build_cache
 from pipeline.config import CacheConfig
-from pipeline.models import load_tokenizer
+from pipeline.model_source import load_tokenizer
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
 from tests.reliability.util import assert_one_line_error, invoke
 
@@ -151,8 +152,8 @@ def test_model_that_is_gone_or_another_tokenizer(cache, tiny_model_dir, tmp_path
 def test_example_view_by_hand(tiny_model_dir):
     """Hand-made targets: the token that stands at a position is the teacher's 1st, then its 3rd, then not in the
     top-k; the residual is 1 minus the mass of all k cached tokens."""
-    from pipeline.format import CachedRow
-    from pipeline.inspect import example_view
+    from pipeline.cache.inspection import example_view
+    from pipeline.cache.schema import CachedRow
 
     tokenizer = load_tokenizer(tiny_model_dir)
     ids = tokenizer("The sea is wide", add_special_tokens=False)["input_ids"]

@@ -10,7 +10,10 @@ import torch
 
 from pipeline import models
 from pipeline.config import TrainConfig
-from pipeline.models import attach_lora, footprint, forward_hidden, load_model, weights_dtype
+from pipeline.device import weights_dtype
+from pipeline.forward import forward_hidden
+from pipeline.memory import footprint
+from pipeline.models import attach_lora, load_model
 from pipeline.train import setup
 
 CPU = torch.device("cpu")
@@ -53,7 +56,7 @@ def test_footprint_matches_a_count_from_the_shapes(tiny_model_dir, corpus, tmp_p
     NF4 double-quantisation layout (blocks of 64 weights, their absmax in blocks of 256)."""
     from transformers import AutoConfig
 
-    from pipeline.cache import build_cache
+    from pipeline.cache.write import build_cache
     from pipeline.config import CacheConfig
 
     monkeypatch.setattr(models, "weights_dtype", lambda *_: torch.bfloat16)  # as on CUDA: two dtypes to tell apart

@@ -17,11 +17,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import pipeline.cache
+import pipeline.cache.write
+from pipeline.cache.schema import MANIFEST
 from pipeline.cli import main
 from pipeline.config import TrainConfig, load_config
 from pipeline.errors import ConfigError
-from pipeline.format import MANIFEST
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, build_tiny_model_dir, write_jsonl
 from tests.reliability.util import assert_one_line_error, invoke
 
@@ -210,13 +210,13 @@ def test_cache_teacher_rerun_with_other_settings_before_any_manifest_is_refused(
                                                                                monkeypatch):
     """Interrupted after its first shard: no manifest yet, and the shard's embedded settings decide."""
     out = tmp_path / "cache"
-    real_write = pipeline.cache.write_shard
+    real_write = pipeline.cache.write.write_shard
 
     def write_then_stop(path, table, meta):
         real_write(path, table, meta)
         raise KeyboardInterrupt  # Ctrl-C right after the first shard
 
-    monkeypatch.setattr(pipeline.cache, "write_shard", write_then_stop)
+    monkeypatch.setattr(pipeline.cache.write, "write_shard", write_then_stop)
     assert invoke(cache_cmd(tiny_model_dir, data, out)).exit_code == 130
     monkeypatch.undo()
     assert [p.name for p in out.iterdir()] == ["shard-00000.parquet"]

@@ -9,11 +9,11 @@ import datasets
 import pytest
 from click.testing import CliRunner
 
-from pipeline import generate
+from pipeline import rehearsal
 from pipeline.cli import main
 from pipeline.config import RehearsalConfig
-from pipeline.data import read_jsonl
-from pipeline.generate import make_rehearsal, partial_path
+from pipeline.inputs import read_jsonl
+from pipeline.rehearsal import make_rehearsal, partial_path
 from tests.conftest import write_jsonl
 
 # Lengths chosen so that the length-sorted batches (2 prompts each) visit them as p3 p1 | p4 p0 | p2 p5.
@@ -46,7 +46,7 @@ def test_make_rehearsal_writes_prompt_order_and_resumes_to_the_same_bytes(tiny_m
             if name == "rehearsal_batch_written" and len(passed) == kill_at_batch:
                 raise Killed
 
-        monkeypatch.setattr(generate, "crash_point", crash_point)
+        monkeypatch.setattr(rehearsal, "crash_point", crash_point)
         return make_rehearsal(RehearsalConfig(model=str(tiny_model_dir), prompts=str(prompts), out=str(out),
                                               max_new_tokens=6, batch_size=2, seed=3), log=lambda *_: None)
 

@@ -10,16 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.report import (
-    draw_tradeoff,
-    pareto_front,
-    plot_curves,
-    plot_tradeoff,
-    recommend,
-    report_table,
-    sampling_error,
-    write_report,
-)
+from pipeline.recommend import recommend, sampling_error
+from pipeline.report import draw_tradeoff, pareto_front, plot_curves, plot_tradeoff, report_table, write_report
 from pipeline.sweep import budget_curve, eval_curve, metric_lines, write_outputs
 
 

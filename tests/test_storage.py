@@ -14,14 +14,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import pipeline.cache
-from pipeline.cache import build_cache
+import pipeline.cache.write
+from pipeline.batches import length_batches, padding_waste
+from pipeline.cache.read import open_cache
+from pipeline.cache.schema import MANIFEST, SHARD_META_KEY
+from pipeline.cache.write import build_cache
 from pipeline.cli import main
 from pipeline.config import CacheConfig
-from pipeline.data import length_batches, padding_waste
-from pipeline.format import MANIFEST, SHARD_META_KEY
-from pipeline.models import load_model, load_tokenizer
-from pipeline.reader import open_cache
+from pipeline.model_source import load_tokenizer
+from pipeline.models import load_model
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
 
 QUIET = {"log": lambda *_: None}
@@ -169,13 +170,13 @@ def test_cache_teacher_batches_examples_of_similar_length(tiny_model_dir, tmp_pa
     rows = [{"instruction": "Repeat.", "output": " ".join(["word"] * n)} for n in (9, 1, 14, 4, 22, 2, 6, 17, 3)]
     data = write_jsonl(tmp_path / "t.jsonl", rows)
     seen: list[list[int]] = []
-    real_collate = pipeline.cache.collate
+    real_collate = pipeline.cache.write.collate
 
     def collate(batch_rows, pad_id):
         seen.append([len(r.input_ids) for r in batch_rows])
         return real_collate(batch_rows, pad_id)
 
-    monkeypatch.setattr(pipeline.cache, "collate", collate)
+    monkeypatch.setattr(pipeline.cache.write, "collate", collate)
     summary = build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(data),
                                       top_k=4, max_length=256, batch_size=2, shard_size=5), **QUIET)
     manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,14 +16,14 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.cache import build_cache
+from pipeline.adapters import save_adapter
+from pipeline.cache.read import MemoryRows, open_cache
+from pipeline.cache.schema import MANIFEST, CachedRow
+from pipeline.cache.write import build_cache
 from pipeline.config import CacheConfig, TrainConfig
-from pipeline.data import draw_step, rehearsal_count, rehearsal_total
 from pipeline.errors import PipelineError
-from pipeline.format import MANIFEST, CachedRow
-from pipeline.models import save_adapter
-from pipeline.reader import MemoryRows, RowStream, open_cache
-from pipeline.train import loss_step, micro_batches, optimizer_step, setup, train
+from pipeline.mixing import RowStream, draw_step, rehearsal_count, rehearsal_total
+from pipeline.train import forward_backward, micro_batches, optimizer_step, setup, train
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, build_tiny_model_dir, write_jsonl
 
 QUIET = {"log": lambda *_: None}
@@ -65,9 +66,9 @@ def test_token_normalised_accumulation_8x1_equals_2x4(tiny_model_dir, tiny_cache
         # Step 1 moves only LoRA B (it starts at 0); compare the gradients of step 2, where A moves too, and
         # the parameters after it. (Adam's first steps amplify rounding in near-zero gradients, hence the
         # looser tolerance on parameters.)
-        loss_step(run, micro_batches(run, 1), measure_kl=False)
+        forward_backward(run, micro_batches(run, 1), measure_kl=False)
         optimizer_step(run)
-        loss_step(run, micro_batches(run, 2), measure_kl=False)
+        forward_backward(run, micro_batches(run, 2), measure_kl=False)
         grads.append({n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad})
         optimizer_step(run)
         updates.append(lora_state(run.model))
@@ -289,7 +290,8 @@ def test_eval_every_writes_held_out_curves_without_touching_training(tiny_model_
     """[training eval note] Eval lines every N steps and at the end, scored as evaluate scores, in eval mode; the
     adapter is bit for bit that of a run without them (LoRA dropout on: the random stream is untouched)."""
     from pipeline.evaluate import eval_rows, score_rows
-    from pipeline.models import load_for_inference, open_model_source
+    from pipeline.model_source import open_model_source
+    from pipeline.models import load_for_inference
 
     common = {"max_steps": 5, "kd_lambda": 0.5, "lora_dropout": 0.1, "save_every": 100, "log_every": 2}
     with_eval = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "e", eval_every=2, eval_limit=2, **common),
@@ -367,7 +369,7 @@ def test_adapter_reloads_with_peft_and_gives_same_logits(tiny_model_dir, tiny_ca
     cfg = cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", max_steps=3)
     run = setup(cfg, **QUIET)
     for step in (1, 2, 3):
-        loss_step(run, micro_batches(run, step), measure_kl=False)
+        forward_backward(run, micro_batches(run, step), measure_kl=False)
         optimizer_step(run)
     save_adapter(run.model, run.out / "adapter")
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 200, 11]])
@@ -384,16 +386,16 @@ def test_adapter_reloads_with_peft_and_gives_same_logits(tiny_model_dir, tiny_ca
 
 
 def test_lambda_zero_is_plain_cross_entropy_and_skips_kd(tiny_model_dir, tiny_cache, tmp_path, monkeypatch):
-    import pipeline.train as train_mod
+    import pipeline.forward
 
     calls = []
-    real = train_mod.response_losses
-    monkeypatch.setattr(train_mod, "response_losses",
+    real = pipeline.forward.response_losses
+    monkeypatch.setattr(pipeline.forward, "response_losses",
                         lambda *a, **kw: calls.append("teacher_ids" in kw) or real(*a, **kw))
     run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", kd_lambda=0.0, lora_dropout=0.0), **QUIET)
     batches = micro_batches(run, 1)
-    out = loss_step(run, batches, measure_kl=False)
-    assert calls == [False] and out["kl"] is None and out["loss"] == out["ce"]
+    out = forward_backward(run, batches, measure_kl=False)
+    assert calls == [False] and out.kl is None and out.loss == out.ce
 
     # The obvious CE: full logits from the HF forward, cross-entropy at the response positions.
     (batch,) = batches
@@ -403,13 +405,13 @@ def test_lambda_zero_is_plain_cross_entropy_and_skips_kd(tiny_model_dir, tiny_ca
     shift_logits, shift_labels = logits[:, :-1], batch.input_ids[:, 1:]
     mask = batch.loss_mask[:, 1:]
     want = F.cross_entropy(shift_logits[mask], shift_labels[mask])
-    assert out["ce"] == pytest.approx(want.item(), rel=1e-4)
+    assert out.ce == pytest.approx(want.item(), rel=1e-4)
 
 
 def test_kd_on_rehearsal_only_touches_rehearsal_tokens(tiny_model_dir, tiny_cache, tmp_path):
     run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", kd_on="rehearsal", rehearsal_ratio=0.0), **QUIET)
-    out = loss_step(run, micro_batches(run, 1), measure_kl=True)
-    assert out["kl"] == 0.0  # no rehearsal example in the step, so no KL term at all
+    out = forward_backward(run, micro_batches(run, 1), measure_kl=True)
+    assert out.kl == 0.0  # no rehearsal example in the step, so no KL term at all
     run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r2", kd_on="rehearsal", rehearsal_ratio=0.5), **QUIET)
     (batch,) = micro_batches(run, 1)
     assert 0 < int(batch.is_rehearsal.sum()) < batch.n_tokens
@@ -445,16 +447,16 @@ def test_kd_keeps_student_closer_to_teacher(tiny_model_dir, tiny_cache, tmp_path
 def test_divergence_stops_and_keeps_checkpoint(tiny_model_dir, tiny_cache, tmp_path, monkeypatch, scale, message):
     import pipeline.train as train_mod
 
-    real, calls = train_mod.loss_step, []
+    real, calls = train_mod.forward_backward, []
 
     def exploding(run, batches, **kw):  # the loss goes bad from step 5 on
         out = real(run, batches, **kw)
         calls.append(1)
         if len(calls) >= 5:
-            out = {**out, "loss": out["loss"] * scale}
+            out = dataclasses.replace(out, loss=out.loss * scale)
         return out
 
-    monkeypatch.setattr(train_mod, "loss_step", exploding)
+    monkeypatch.setattr(train_mod, "forward_backward", exploding)
     cfg = cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", max_steps=10, save_every=2)
     with pytest.raises(PipelineError, match=message + r".*last good checkpoint is .*step-000004"):
         train(cfg, **QUIET)
@@ -465,21 +467,21 @@ def test_budget_growing_the_kl_term_is_not_divergence(tiny_model_dir, tiny_cache
     """[budget divergence note] A multiplier that grows 50-fold raises the loss, not the CE: training goes on."""
     import pipeline.train as train_mod
 
-    real, calls = train_mod.loss_step, []
+    real, calls = train_mod.forward_backward, []
 
     def kl_term_grows(run, batches, **kw):  # from step 5 on, the KL term is 50x the rest of the loss
         out = real(run, batches, **kw)
         calls.append(1)
-        return {**out, "loss": out["loss"] * 50} if len(calls) >= 5 else out
+        return dataclasses.replace(out, loss=out.loss * 50) if len(calls) >= 5 else out
 
-    monkeypatch.setattr(train_mod, "loss_step", kl_term_grows)
+    monkeypatch.setattr(train_mod, "forward_backward", kl_term_grows)
     summary = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", max_steps=8, save_every=100,
                             max_forgetting=0.01), **QUIET)
     assert summary["steps"] == 8
 
 
 def test_online_teacher_targets_equal_the_cache(tiny_model_dir, tmp_path):
-    from pipeline.reader import collate_rows
+    from pipeline.batches import collate_rows
     from pipeline.train import online_targets
 
     task = write_jsonl(tmp_path / "t.jsonl", TASK_ROWS)
@@ -491,8 +493,8 @@ def test_online_teacher_targets_equal_the_cache(tiny_model_dir, tmp_path):
                             max_steps=3, batch_size=4, warmup_steps=1, kd_on="all"), **QUIET)
     cached = {r.example_id: r for part in ("task", "rehearsal") for r in open_cache(tmp_path / "c").iter_rows(
         part, "train")}
-    rows = [r for g in range(len(run.cache.row_groups("task", "train")))
-            for r in run.cache.read_group("task/train", g)]
+    rows = [r for g in range(len(run.rows.row_groups("task", "train")))
+            for r in run.rows.read_group("task/train", g)]
     batch = collate_rows(rows, run.tokenizer.pad_token_id)
     ids, lps = online_targets(run, batch)
     want = collate_rows([cached[r.example_id] for r in rows], run.tokenizer.pad_token_id)
@@ -523,8 +525,8 @@ def test_step0_kl_across_attention_implementations(tiny_model_dir, tmp_path):
         run = setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / attn, precision="bf16", attn=attn,
                             lora_dropout=0.0), **QUIET)
         assert base_of(run.model).config._attn_implementation == attn  # the setting reached the model
-        out = loss_step(run, micro_batches(run, 1), measure_kl=True)
-        assert out["kl"] < 1e-4, attn
+        out = forward_backward(run, micro_batches(run, 1), measure_kl=True)
+        assert out.kl < 1e-4, attn
 
 
 def test_online_teacher_flags_checked():
@@ -574,7 +576,7 @@ def test_peak_memory_is_measured_from_the_reset():
 
 def test_dual_ascent_follows_the_hand_computed_sequence():
     """[forgetting budget note] with BUDGET_STEP 0.2, BUDGET_EMA 0.8, EPS 0.01, lambda from 0.5."""
-    from pipeline.train import BUDGET_EMA, BUDGET_STEP, dual_ascent
+    from pipeline.budget import BUDGET_EMA, BUDGET_STEP, dual_ascent
 
     assert (BUDGET_STEP, BUDGET_EMA) == (0.2, 0.8)
     # kl:   0.0 -> avg 0;      lambda 0.5 + 0.2 * (0 - 0.01) / 0.01      = 0.3
@@ -598,17 +600,17 @@ def test_budget_constraint_is_the_forward_kl_on_rehearsal_tokens(tiny_model_dir,
     run = setup(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "r", max_forgetting=0.01, lora_dropout=0.0,
                         precision="fp32", batch_size=8, lr=1e-2), **QUIET)
     for step in (1, 2):  # two updates, so that the KL is not ~0
-        loss_step(run, micro_batches(run, step), measure_kl=True)
+        forward_backward(run, micro_batches(run, step), measure_kl=True)
         optimizer_step(run)
     batches = micro_batches(run, 3)
     got = {}
     for kd_on in ("all", "rehearsal"):  # the same parameters, the same batches
         run.cfg = dataclasses.replace(run.cfg, kd_on=kd_on)
-        got[kd_on] = loss_step(run, batches, measure_kl=True)
+        got[kd_on] = forward_backward(run, batches, measure_kl=True)
         run.optimizer.zero_grad(set_to_none=True)
-    assert got["rehearsal"]["kl_rehearsal"] == got["rehearsal"]["kl"] > 1e-5
-    assert got["all"]["kl_rehearsal"] == pytest.approx(got["rehearsal"]["kl_rehearsal"], rel=1e-5)
-    assert got["all"]["kl_rehearsal"] != pytest.approx(got["all"]["kl"], rel=1e-2)  # not the all-token KL
+    assert got["rehearsal"].kl_rehearsal == got["rehearsal"].kl > 1e-5
+    assert got["all"].kl_rehearsal == pytest.approx(got["rehearsal"].kl_rehearsal, rel=1e-5)
+    assert got["all"].kl_rehearsal != pytest.approx(got["all"].kl, rel=1e-2)  # not the all-token KL
 
 
 def test_budget_multiplier_resumes_bit_exactly(tiny_model_dir, tiny_cache, tmp_path):

@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import build_cache
+from pipeline.batches import collate_rows
+from pipeline.cache.write import build_cache
 from pipeline.config import CacheConfig, TrainConfig
-from pipeline.data import draw_step
+from pipeline.mixing import draw_step
 from pipeline.models import RandDropout, base_of, load_model
-from pipeline.reader import collate_rows
-from pipeline.train import loss_step, micro_batches, optimizer_step, setup
+from pipeline.train import forward_backward, micro_batches, optimizer_step, setup
 from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
 from tests.test_losses import reference_token_kl
 
@@ -59,7 +59,7 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 def first_step(run) -> None:
     """One update, so that LoRA B is no longer 0: before it the student is the teacher (KL 0) and LoRA A has no
     gradient from the data (dL/dA = B^T dL/dy x^T)."""
-    loss_step(run, micro_batches(run, 1), measure_kl=False)
+    forward_backward(run, micro_batches(run, 1), measure_kl=False)
     optimizer_step(run)
 
 
@@ -82,7 +82,7 @@ def test_loss_at_temperature_2_with_kd_on_rehearsal_equals_the_hf_reference(tiny
     first_step(run)
     rows = draw_step(run.task, run.rehearsal, 6, 0.5, run.cfg.seed, 2)
     batch = collate_rows(rows, run.tokenizer.pad_token_id)
-    out = loss_step(run, [batch], measure_kl=False)
+    out = forward_backward(run, [batch], measure_kl=False)
     got = lora_grads(run.model)
     run.optimizer.zero_grad(set_to_none=True)
 
@@ -108,9 +108,9 @@ def test_loss_at_temperature_2_with_kd_on_rehearsal_equals_the_hf_reference(tiny
     want.backward()
 
     assert kd_term.item() > 1e-3  # a real KL term (the student has moved), so a wrong weight or count shows
-    assert out["loss"] == pytest.approx(want.item(), rel=1e-5)
-    assert out["ce"] == pytest.approx(ce.item() / n_tokens, rel=1e-5)
-    assert out["kl"] == pytest.approx(kl.item() / n_rehearsal, rel=1e-4)
+    assert out.loss == pytest.approx(want.item(), rel=1e-5)
+    assert out.ce == pytest.approx(ce.item() / n_tokens, rel=1e-5)
+    assert out.kl == pytest.approx(kl.item() / n_rehearsal, rel=1e-4)
     assert all(g.abs().max() > 0 for g in got.values())
     assert_grads_close(got, lora_grads(run.model), rtol=1e-4)
 
@@ -127,7 +127,7 @@ def test_accumulation_8x1_equals_2x4_with_a_data_gradient_on_lora_a(tiny_model_d
                             kd_on=kd_on, kd_lambda=0.5), **QUIET)
         first_step(run)
         batches = micro_batches(run, 2)
-        loss_step(run, batches, measure_kl=False)
+        forward_backward(run, batches, measure_kl=False)
         grads.append(lora_grads(run.model))
         runs.append((run, batches))
     one, four = grads
@@ -142,7 +142,7 @@ def test_accumulation_8x1_equals_2x4_with_a_data_gradient_on_lora_a(tiny_model_d
     assert len({b.n_tokens for b in batches}) > 1  # micro-batches of different sizes: the case that matters
     run.optimizer.zero_grad(set_to_none=True)
     for b in batches:
-        loss_step(run, [b], measure_kl=False)  # gradients add up over the calls
+        forward_backward(run, [b], measure_kl=False)  # gradients add up over the calls
     per_micro = {n: g / len(batches) for n, g in lora_grads(run.model).items()}
     with pytest.raises(AssertionError):
         assert_grads_close(per_micro, one, rtol=1e-4)
@@ -156,7 +156,7 @@ def test_gradients_are_clipped_to_norm_1(tiny_model_dir, cache_t2, tmp_path):
     assert TrainConfig.max_grad_norm == 1.0  # the default, used below
     for scale in (1e3, 1e-3):  # a norm far above 1 is scaled down to 1; one below 1 is left alone
         run = setup(cfg_for(tiny_model_dir, cache_t2, tmp_path / f"r{scale}"), **QUIET)
-        loss_step(run, micro_batches(run, 1), measure_kl=False)
+        forward_backward(run, micro_batches(run, 1), measure_kl=False)
         params = [p for p in run.model.parameters() if p.requires_grad]
         for p in params:
             p.grad.mul_(scale)
@@ -216,7 +216,7 @@ def test_gradient_checkpointing_on_and_off_give_the_same_gradients(tiny_model_di
         assert base_of(run.model).is_gradient_checkpointing == on
         torch.manual_seed(1)
         first_step(run)
-        loss_step(run, micro_batches(run, 2), measure_kl=False)
+        forward_backward(run, micro_batches(run, 2), measure_kl=False)
         grads[on] = lora_grads(run.model)
     assert all(g.abs().max() > 0 for g in grads[True].values())
     assert_grads_close(grads[True], grads[False], rtol=1e-5)
@@ -263,6 +263,6 @@ def test_reading_the_losses_back_costs_one_conversion_per_step_not_per_micro_bat
                             kd_on="rehearsal", kd_lambda=0.5, max_forgetting=budget), **QUIET)
         batches = micro_batches(run, 1)
         calls["n"] = 0
-        loss_step(run, batches, measure_kl=True)
+        forward_backward(run, batches, measure_kl=True)
         seen.append(calls["n"])
     assert seen[0] == seen[1] <= 2, seen

@@ -4,7 +4,7 @@
                tokens per role/split, bytes per response token, padding
     --example  one example: its prompt and response as text and, at every response position, the target
                token, the teacher's top 5 tokens as text with their probabilities, and the residual mass
-               1 - sum(exp(target_logprobs)) over all k cached tokens (DESIGN.md section 4)
+               1 - sum(exp(target_logprobs)) over all k cached tokens (docs/design.md, "The cache")
 
 The cache is read through reader.open_cache (the shards' checksums are left to train, which relies on
 them) and the tokens decoded with the teacher's tokenizer, loaded as cache-teacher loads it.
@@ -18,11 +18,11 @@ import re
 
 import numpy as np
 
+from pipeline.cache.read import Cache, open_cache
+from pipeline.cache.schema import CachedRow
 from pipeline.config import InspectConfig
-from pipeline.data import ROLES, SPLITS
 from pipeline.errors import PipelineError
-from pipeline.format import CachedRow
-from pipeline.reader import Cache, open_cache
+from pipeline.inputs import ROLES, SPLITS
 
 TOP = 5  # teacher tokens shown per position
 
@@ -82,7 +82,7 @@ def find_example(cache: Cache, example_id: str) -> CachedRow:
 
 def _tokenizer(cache: Cache, model: str | None):
     """The tokenizer of --model, or of the model that made the cache; refused if it is not the cache's tokenizer."""
-    from pipeline.models import open_model_source
+    from pipeline.model_source import open_model_source
 
     name = model or cache.manifest["teacher"]["model"]
     try:

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from pipeline.errors import PipelineError
-from pipeline.fileio import TMP_MARK, read_json, sha256_file
-from pipeline.format import (
+from pipeline.cache.schema import (
     FORMAT_VERSION,
     MANIFEST,
     REQUIRED_MANIFEST_FIELDS,
@@ -28,6 +23,8 @@ from pipeline.format import (
     content_fingerprint,
     rows_from_table,
 )
+from pipeline.errors import PipelineError
+from pipeline.fileio import TMP_MARK, read_json, sha256_file
 
 
 def _short(value: object) -> str:
@@ -188,92 +185,6 @@ class MemoryRows:
     def read_group(self, name: str, group: int, keep: int = 0) -> list[CachedRow]:
         role, split = name.split("/")
         return self._parts[(role, split)][group]
-
-
-class RowStream:
-    """An endless, seeded, shuffled stream over the rows of one part of a cache.
-
-    Each epoch permutes the row groups, then shuffles rows within windows of `window` consecutive row
-    groups (a window is decoded at a time, so memory stays bounded). The state is (epoch, position),
-    so a resumed run continues exactly where the checkpoint was taken.
-    """
-
-    def __init__(self, cache: Cache | MemoryRows, role: str, split: str, seed: int, window: int = 8):
-        self.cache, self.role, self.seed, self.window = cache, role, seed, window
-        self.groups = cache.row_groups(role, split)
-        self.size = sum(n for _, _, n in self.groups)
-        self.epoch, self.pos = 0, 0
-        self._order: list[tuple[int, int]] = []
-        self._order_epoch = -1
-
-    def _epoch_order(self) -> list[tuple[int, int]]:
-        if self._order_epoch != self.epoch:
-            rng = np.random.default_rng([self.seed, 0 if self.role == "task" else 1, self.epoch])
-            perm = rng.permutation(len(self.groups))
-            order: list[tuple[int, int]] = []
-            for start in range(0, len(perm), self.window):
-                window = [(int(g), r) for g in perm[start:start + self.window] for r in range(self.groups[g][2])]
-                order += [window[i] for i in rng.permutation(len(window))]
-            self._order, self._order_epoch = order, self.epoch
-        return self._order
-
-    def take(self, n: int) -> list[CachedRow]:
-        if n and not self.size:
-            raise PipelineError(f"{self.cache.path}: no {self.role} training rows in the cache")
-        out = []
-        while len(out) < n:
-            order = self._epoch_order()
-            g, r = order[self.pos]
-            name, group, _ = self.groups[g]
-            out.append(self.cache.read_group(name, group, keep=2 * self.window)[r])
-            self.pos += 1
-            if self.pos == len(order):
-                self.epoch, self.pos = self.epoch + 1, 0
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-
-
-@dataclass
-class TrainBatch:
-    """A collated micro-batch. (B, T) tensors, and (N, k) teacher targets for the N response tokens."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
-    teacher_ids: torch.Tensor
-    teacher_logprobs: torch.Tensor
-    is_rehearsal: torch.Tensor  # (N,) bool: the token belongs to a rehearsal example
-    n_rehearsal_examples: int
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.is_rehearsal.shape[0])
-
-    def to(self, device: torch.device) -> TrainBatch:
-        return TrainBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask,
-                                                    self.teacher_ids, self.teacher_logprobs, self.is_rehearsal)),
-                          self.n_rehearsal_examples)
-
-
-def collate_rows(rows: Sequence[CachedRow], pad_id: int) -> TrainBatch:
-    """Right-pad rows into a batch; teacher targets concatenated in row-major response order."""
-    width = max(len(r.input_ids) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    att = np.zeros((len(rows), width), dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=bool)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[i, :n], att[i, :n], mask[i, :n] = r.input_ids, 1, r.loss_mask
-    reh = np.concatenate([np.full(int(r.loss_mask.sum()), r.role == "rehearsal") for r in rows])
-    return TrainBatch(torch.from_numpy(ids), torch.from_numpy(att), torch.from_numpy(mask),
-                      torch.from_numpy(np.concatenate([r.target_ids for r in rows])),
-                      torch.from_numpy(np.concatenate([r.target_logprobs for r in rows])),
-                      torch.from_numpy(reh), sum(r.role == "rehearsal" for r in rows))
 
 
 def describe(cache: Cache) -> str:

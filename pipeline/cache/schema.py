@@ -1,4 +1,4 @@
-"""The cache format (DESIGN.md section 4): columns, physical types, encodings, manifest fields, and how two
+"""The cache format (docs/design.md, "The cache"): columns, physical types, encodings, manifest fields, and how two
 caches' settings are compared. The writer (cache.py), the reader (reader.py) and everything that checks
 compatibility import it from here; nothing else defines a part of the format.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data import Tokenized
+from pipeline.inputs import Tokenized
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -1,6 +1,6 @@
 """Stage one, `pipeline cache-teacher`: run the frozen 4-bit teacher once and store its top-k log-probs.
 
-Layout of a cache directory (DESIGN.md section 4)::
+Layout of a cache directory (docs/design.md, "The cache")::
 
     CACHE/
       manifest.json          written last, atomically
@@ -30,22 +30,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import __version__, distributed
-from pipeline.config import CacheConfig
-from pipeline.data import (
-    ROLES,
-    SPLITS,
-    Tokenized,
-    collate,
-    input_sha256,
-    length_batches,
-    padding_waste,
-    read_examples,
-    tokenize_example,
-)
-from pipeline.errors import PipelineError
-from pipeline.faults import crash_point
-from pipeline.fileio import TMP_MARK, atomic_path, atomic_write_json, read_json, remove_tmp_files, sha256_file
-from pipeline.format import (
+from pipeline.batches import collate, length_batches, padding_waste
+from pipeline.cache.schema import (
     FORMAT_VERSION,
     MANIFEST,
     PARQUET_ENCODING,
@@ -59,17 +45,17 @@ from pipeline.format import (
     shard_table,
     storage_settings,
 )
-from pipeline.models import (
-    check_attn,
-    footprint,
-    load_model,
-    open_model_source,
-    output_head,
-    output_vocab_size,
-    quantization_settings,
-    resolve_device,
-    resolve_precision,
-)
+from pipeline.config import CacheConfig
+from pipeline.device import resolve_runtime
+from pipeline.errors import PipelineError
+from pipeline.faults import crash_point
+from pipeline.fileio import TMP_MARK, atomic_path, atomic_write_json, read_json, sha256_file
+from pipeline.forward import output_head
+from pipeline.inputs import ROLES, SPLITS, Tokenized, input_sha256, read_examples, tokenize_example
+from pipeline.memory import footprint
+from pipeline.model_source import ModelSource, open_model_source, output_vocab_size
+from pipeline.models import load_model, quantization_settings
+from pipeline.run_dir import create_dir
 from pipeline.teacher import LOGPROB_DTYPES, teacher_topk
 
 
@@ -162,7 +148,7 @@ def _inputs(cfg: CacheConfig) -> list[tuple[str, str, str]]:
     return [(p, role, split) for p, role, split in pairs if p]
 
 
-def prepare(cfg: CacheConfig, tokenizer, log=print) -> tuple[list[Tokenized], dict, dict]:
+def read_inputs(cfg: CacheConfig, tokenizer, log=print) -> tuple[list[Tokenized], dict, dict]:
     """Read, validate and tokenise every input; return (examples, input records, counters). No model needed."""
     examples: list[Tokenized] = []
     records = []
@@ -194,7 +180,6 @@ def prepare(cfg: CacheConfig, tokenizer, log=print) -> tuple[list[Tokenized], di
                 f"(first: {', '.join(too_long[:3])})")
         records.append({"path": str(Path(path).resolve()), "sha256": input_sha256(path), "role": role,
                         "split": split, "examples": len(exs), "skipped_bad_lines": len(stats.skipped),
-                        # only when given, so that caches made before --columns existed still match their rerun
                         **({"columns": dict(cfg.columns)} if cfg.columns else {})})
     if not examples:
         raise PipelineError(f"no examples left to cache: {counts['skipped_too_long']} skipped because the prompt "
@@ -256,84 +241,30 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
     """
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    rank, world = distributed.rank(), distributed.world_size()
-    log = log if rank == 0 else lambda *_: None  # every rank reads the same inputs: rank 0 alone reports
+    log = log if distributed.is_main() else lambda *_: None  # every rank reads the same inputs: rank 0 alone reports
     # A GGUF model is converted and the weights are hashed once per machine; the other ranks find the result.
     source = open_model_source(cfg.model)
-    fingerprint = source.fingerprint
-
-    def read_inputs() -> tuple[object, list[Tokenized], dict, dict, torch.device]:
-        tokenizer = source.tokenizer
-        examples, input_records, counts = prepare(cfg, tokenizer, log)
-        device = distributed.place(resolve_device(cfg.device))
-        check_attn(cfg.attn, device)
-        precision = resolve_precision(cfg.precision, device)
-        vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0), output_vocab_size(source.path))
-        settings = {
-            "format_version": FORMAT_VERSION,
-            "teacher": {"model": cfg.model, "fingerprint": fingerprint},
-            "quantization": quantization_settings(precision),
-            "precision": precision,
-            "attn": cfg.attn,  # sdpa and eager attention round differently: the targets can differ slightly
-            "tokenizer": source.tokenizer_fingerprint,
-            "max_length": cfg.max_length,
-            "top_k": cfg.top_k,
-            "temperature": cfg.temperature,
-            "inputs": input_records,
-            "storage": storage_settings(vocab, cfg.logprob_dtype),
-            "shard_size": cfg.shard_size,
-            "batch_size": cfg.batch_size,
-            "skip_bad_lines": cfg.skip_bad_lines,
-        }
-        check_out_dir(out, settings)
-        return tokenizer, examples, counts, settings, device
-
+    _ = source.fingerprint
     # Every rank reads and checks the inputs (cheap next to the teacher pass); a bad line stops all ranks alike.
-    tokenizer, examples, counts, settings, device = distributed.agree(read_inputs)
-    precision, id_type = settings["precision"], settings["storage"]["token_ids"]
-
-    def make_out_dir() -> None:
-        if distributed.is_main():
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:  # e.g. a read-only file system, or a path under a regular file
-                raise PipelineError(f"{out}: cannot create the cache directory: {e.strerror or e}") from e
-            remove_tmp_files(out)
-
+    examples, counts, settings, device = distributed.agree(lambda: check_inputs(cfg, source, out, log))
     # Rank 0 clears leftovers of a killed run before any rank starts writing its own temporary shards.
-    distributed.agree(make_out_dir)
-
+    distributed.agree(lambda: create_dir(out, "cache directory") if distributed.is_main() else None)
     plans = plan_shards(examples, cfg.shard_size)
-    if len(plans) < world:  # the shard is the unit of work a rank takes
-        log(f"note: {len(plans)} shard(s) for {world} processes, so {world - len(plans)} of them idle; a smaller "
-            "--shard-size splits the work further")
+    if len(plans) < distributed.world_size():  # the shard is the unit of work a rank takes
+        idle = distributed.world_size() - len(plans)
+        log(f"note: {len(plans)} shard(s) for {distributed.world_size()} processes, so {idle} of them idle; a "
+            "smaller --shard-size splits the work further")
     lengths = [len(e.input_ids) for e in examples]
     batches_of = {p.index: [[p.rows[i] for i in b] for b in length_batches([lengths[i] for i in p.rows],
                                                                             cfg.batch_size)] for p in plans}
-    # A shard an earlier run's manifest lists must still have the listed checksum: one modified after the
-    # manifest was written may still decode, and keeping it would launder the damage into a new manifest.
-    listed = listed_checksums(check_out_dir(out, settings))
-    todo = []
-    for p in plans:
-        if p.index % world != rank:
-            continue
-        path = out / p.name
-        meta = read_shard_meta(path) if path.exists() else None
-        ids = [examples[i].id for i in p.rows]
-        if (meta is not None and not settings_differences(meta.get("settings", {}), settings)
-                and meta.get("ids_sha256") == ids_digest(ids) and shard_is_complete(path, meta, len(ids))
-                and (p.name not in listed or listed[p.name] == sha256_file(path))):
-            continue  # finished by an earlier run
-        todo.append(p)
-
+    todo = shards_to_compute(out, plans, examples, settings)
     teacher_seconds = 0.0
     if todo:
-        model = load_model(source.path, device, precision, attn=cfg.attn)
+        model = load_model(source.path, device, settings["precision"], attn=cfg.attn)
         log(footprint(model).describe())
         crash_point("model_loaded")
-        head = output_head(model)
         t_teacher = time.perf_counter()
-        _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, out, cfg, device, precision, id_type)
+        run_teacher(model, source.tokenizer, examples, todo, batches_of, settings, out, cfg, device)
         teacher_seconds = time.perf_counter() - t_teacher
     distributed.wait_for_all()  # the manifest needs every rank's shards
     (computed,) = distributed.all_reduce_sum([sum(len(p.rows) for p in todo)])
@@ -351,10 +282,73 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
         teacher_seconds=teacher_seconds)
 
 
-def _run_teacher(model, head, tokenizer, examples, todo, batches_of, settings, out, cfg, device, precision,
-                 id_type) -> None:
+def check_inputs(cfg: CacheConfig, source: ModelSource, out: Path, log=print
+                 ) -> tuple[list[Tokenized], dict, dict, torch.device]:
+    """Read and tokenise every input, resolve where the teacher runs, and check --out against the settings; no
+    model is loaded. Returns (examples, counters, the cache's settings, device)."""
+    examples, input_records, counts = read_inputs(cfg, source.tokenizer, log)
+    device, precision = resolve_runtime(cfg.device, cfg.precision, cfg.attn)
+    settings = cache_settings(cfg, source, precision, input_records)
+    check_out_dir(out, settings)
+    return examples, counts, settings, device
+
+
+def cache_settings(cfg: CacheConfig, source: ModelSource, precision: str, input_records: list[dict]) -> dict:
+    """Everything that decides a cache's content (schema.SETTINGS_KEYS): recorded in the manifest and every shard."""
+    tokenizer = source.tokenizer
+    vocab = max(len(tokenizer), getattr(tokenizer, "vocab_size", 0), output_vocab_size(source.path))
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": {"model": cfg.model, "fingerprint": source.fingerprint},
+        "quantization": quantization_settings(precision),
+        "precision": precision,
+        "attn": cfg.attn,  # sdpa and eager attention round differently: the targets can differ slightly
+        "tokenizer": source.tokenizer_fingerprint,
+        "max_length": cfg.max_length,
+        "top_k": cfg.top_k,
+        "temperature": cfg.temperature,
+        "inputs": input_records,
+        "storage": storage_settings(vocab, cfg.logprob_dtype),
+        "shard_size": cfg.shard_size,
+        "batch_size": cfg.batch_size,
+        "skip_bad_lines": cfg.skip_bad_lines,
+    }
+
+
+def shards_to_compute(out: Path, plans: Sequence[ShardPlan], examples: Sequence[Tokenized], settings: dict
+                      ) -> list[ShardPlan]:
+    """This rank's shards that an earlier run has not finished.
+
+    A shard is finished when its embedded settings and example ids match and it reads back whole. A shard an
+    earlier run's manifest lists must also still have the listed checksum: one modified after the manifest was
+    written may still decode, and keeping it would launder the damage into a new manifest.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    listed = listed_checksums(check_out_dir(out, settings))
+    todo = []
+    for p in plans:
+        if p.index % world != rank:
+            continue
+        path = out / p.name
+        meta = read_shard_meta(path) if path.exists() else None
+        ids = [examples[i].id for i in p.rows]
+        if (meta is not None and not settings_differences(meta.get("settings", {}), settings)
+                and meta.get("ids_sha256") == ids_digest(ids) and shard_is_complete(path, meta, len(ids))
+                and (p.name not in listed or listed[p.name] == sha256_file(path))):
+            continue  # finished by an earlier run
+        todo.append(p)
+    return todo
+
+
+def run_teacher(model, tokenizer, examples: Sequence[Tokenized], todo: Sequence[ShardPlan],
+                batches_of: dict[int, list[list[int]]], settings: dict, out: Path, cfg: CacheConfig,
+                device: torch.device) -> None:
+    """The teacher pass over this rank's unfinished shards: top-k log-probs at every response position, one
+    Parquet shard written (crash-safely) as soon as its rows are done."""
     from tqdm.auto import tqdm
 
+    head = output_head(model)
+    precision, id_type = settings["precision"], settings["storage"]["token_ids"]
     pad_id = tokenizer.pad_token_id
     lp_dtype = LOGPROB_DTYPES[cfg.logprob_dtype]
     # One bar, rank 0's: it shows that rank's share, which is about 1/world_size of the work.

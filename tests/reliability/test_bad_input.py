@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import data
-from pipeline.data import Example, tokenize_example
-from pipeline.models import load_tokenizer
+from pipeline import inputs as data
+from pipeline.inputs import Example, tokenize_example
+from pipeline.model_source import load_tokenizer
 from tests.reliability.util import assert_one_line_error, invoke
 
 GOOD = {"id": "dup", "instruction": "Say hi.", "output": "Hi there."}

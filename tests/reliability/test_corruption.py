@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.format import MANIFEST
-from pipeline.models import load_tokenizer, model_fingerprint, tokenizer_fingerprint
+from pipeline.cache.schema import MANIFEST
+from pipeline.model_source import load_tokenizer, model_fingerprint, tokenizer_fingerprint
 from tests.conftest import build_tiny_model_dir
 from tests.reliability.util import assert_one_line_error, assert_same_cache, invoke
 

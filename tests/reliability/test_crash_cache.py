@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cache.schema import MANIFEST
 from pipeline.fileio import TMP_MARK
-from pipeline.format import MANIFEST
 from tests.reliability.util import assert_one_line_error, assert_same_cache, invoke, run_until_killed, tmp_files
 
 # name: (crash points of the consecutive killed runs, complete shards left after the kills, a temp file left?)

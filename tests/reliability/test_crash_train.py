@@ -106,8 +106,9 @@ def _crafted_pickle(path: Path, marker: Path) -> None:
     marker.unlink()
 
 
-def test_old_pickled_checkpoint_is_refused_unopened(reference_run, tiny_model_dir, reference_cache, tmp_path):
-    """A checkpoint of the first format (a pickled state.pt) is refused with the way out, never unpickled."""
+def test_checkpoint_without_state_json_is_refused_unopened(reference_run, tiny_model_dir, reference_cache, tmp_path):
+    """A checkpoint directory without state.json (here: a crafted pickle in its place) is refused with the way out,
+    and nothing in it is unpickled."""
     out, marker = tmp_path / "run", tmp_path / "pwned"
     assert invoke(train_cmd(tiny_model_dir, reference_cache, out)).exit_code == 0
     shutil.rmtree(out / "adapter")
@@ -116,7 +117,7 @@ def test_old_pickled_checkpoint_is_refused_unopened(reference_run, tiny_model_di
     last.mkdir()
     _crafted_pickle(last / "state.pt", marker)
     refused = invoke(train_cmd(tiny_model_dir, reference_cache, out))
-    assert_one_line_error(refused, f"{last}: written by an older pipeline", "start afresh with --overwrite")
+    assert_one_line_error(refused, f"{last}: not a checkpoint (no state.json)", "start afresh with --overwrite")
     assert not marker.exists() and not (out / "adapter").exists()
 
 

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.cache.schema import MANIFEST
 from pipeline.fileio import TMP_MARK
-from pipeline.format import MANIFEST
 from tests.reliability.util import (
     assert_one_line_error,
     assert_same_cache,

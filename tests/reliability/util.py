@@ -16,9 +16,9 @@ import yaml
 from click.testing import CliRunner, Result
 from safetensors.torch import load_file
 
+from pipeline.cache.schema import MANIFEST
 from pipeline.cli import main
 from pipeline.fileio import TMP_MARK
-from pipeline.format import MANIFEST
 
 # Small enough that a crash/resume round trip costs seconds: 7 shards of <= 2 examples, one example per batch
 # (so a crash can land between two batches of one shard), 4 teacher tokens per position.
