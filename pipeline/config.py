@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.scoring import spec_problem
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 DEFAULT_MAX_STEPS = 200  # train's length when neither --max-steps nor --epochs is given
@@ -88,8 +89,9 @@ KL_KINDS = ("forward", "reverse", "topk_renorm")
 class CommonConfig:
     """Settings every command takes."""
 
-    model: str = opt(BUILTIN_MODEL, "Base model: a local Hugging Face model directory, a .gguf file, or the name of a "
-                     f"built-in model ({BUILTIN_MODEL}).")
+    model: str = opt(BUILTIN_MODEL, "Base model: a local Hugging Face model directory, a Hugging Face id ORG/NAME "
+                     "already in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded), a .gguf "
+                     f"file, or the name of a built-in model ({BUILTIN_MODEL}).")
     seed: int = opt(0, "Random seed (data order, LoRA init, dropout, sampling).")
     precision: str = opt("auto", "Compute precision of the 4-bit matmuls and autocast: bf16 where the CPU/GPU supports "
                          "it (auto), or force bf16/fp32. Log-probs and losses are always fp32.",
@@ -252,10 +254,18 @@ class EvalConfig(CommonConfig):
     batch_size: int = opt(16, "Examples per forward pass / generation batch.", positive=True)
     max_new_tokens: int = opt(64, "Generation length for the task score.", positive=True,
                               group="scoring")
-    task_score: str = opt("exact_match", "How to score generated task answers (none: skip generation).",
-                          choices=("exact_match", "none"), group="scoring")
+    task_score: str = opt("exact_match", "How a greedy answer is scored against the reference: exact_match, "
+                          "normalized (case, whitespace and trailing punctuation folded), json (equal as JSON values; "
+                          "per-field accuracy too), contains (the reference is in the answer), regex (the reference "
+                          "is a pattern), python:PATH_OR_MODULE:FUNCTION (your own function (prediction, reference, "
+                          "example) -> [0, 1], e.g. python:my_scorer.py:score), or none (skip generation).",
+                          group="scoring")
     limit: int | None = opt(None, "Score at most this many examples of each eval set.", positive=True,
                                  group="scoring")
+
+    def check(self) -> list[str]:
+        problem = spec_problem(self.task_score)  # a python: scorer is imported here, before any model is loaded
+        return [f"task_score: {problem}"] if problem else []
 
 
 @dataclass
@@ -271,7 +281,7 @@ class SweepConfig(CommonConfig):
     eval_limit: int | None = opt(None, "Score at most N examples of each eval set per run (overrides evaluate.limit).",
                                  positive=True)
     task_tolerance: float = opt(0.02, "The recommendation: among the runs whose task score is within this of the "
-                                "best run's (absolute: 0.02 = 2 points of exact match), the one with the least "
+                                "best run's (absolute: 0.02 = 2 points of a 0..1 task score), the one with the least "
                                 "forgetting (full-vocabulary KL); ties go to the cheaper run. When the task score does "
                                 "not separate the runs, task CE is used and the tolerance is relative (0.02 = 2%).",
                                 min=0)

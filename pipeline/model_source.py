@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -131,8 +132,45 @@ def resolve_model(name_or_path: str) -> Path:
         return convert_gguf(path)
     if path.exists():
         raise PipelineError(f"{path}: --model must be a model directory, a .gguf file or one of {list(BUILTIN_MODELS)}")
+    if HUB_ID.fullmatch(name_or_path):
+        return hub_snapshot(name_or_path)
     raise PipelineError(f"{name_or_path}: no such model directory or file, and not a built-in model "
-                        f"({', '.join(BUILTIN_MODELS)}); nothing is downloaded at run time")
+                        f"({', '.join(BUILTIN_MODELS)}) nor a Hugging Face id ORG/NAME; nothing is downloaded at run "
+                        "time")
+
+
+# A Hugging Face model id, ORG/NAME, as the Hub spells them (letters, digits, '-', '_', '.').
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloaded models: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub
+    (read at each call, so that a changed environment is seen)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of Hugging Face model `repo_id` in the hub cache (its `main` revision), never downloading.
+
+    Raises:
+        PipelineError: naming the way to get it, when the model is not in the cache or its snapshot has no config.json.
+    """
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        path = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except Exception:  # huggingface_hub's "not in the cache" errors, whatever their class in this version
+        raise PipelineError(f"{repo_id}: not in the local Hugging Face cache ({cache}); nothing is downloaded at run "
+                            f"time: fetch it once with `hf download {repo_id}` (or set HF_HUB_CACHE / HF_HOME to "
+                            "where it is), or pass --model DIR") from None
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"{repo_id}: the cached snapshot {path} has no config.json (an incomplete download?); "
+                            f"run `hf download {repo_id}` again, or pass --model DIR")
+    return path
 
 
 def model_fingerprint(model_dir: Path) -> str:
