@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.cache.read import open_cache
+from pipeline.cache.read import Cache, open_cache
 from pipeline.config import (
     EvalConfig,
     SweepConfig,
@@ -37,10 +37,11 @@ from pipeline.config import (
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fileio import atomic_dir, atomic_write_json, read_json
+from pipeline.model_source import open_model_source
 from pipeline.recommend import Recommendation, recommend
 from pipeline.report import plot_curves, plot_tradeoff, write_report
 from pipeline.run_dir import read_run_yaml, refuse_other_settings
-from pipeline.train import steps_for_epochs, train
+from pipeline.train import check_inputs, steps_for_epochs, train
 
 # Train settings that a sweep sets itself, per run.
 PER_RUN = ("cache", "out", *settings_in(TrainConfig, "run"))
@@ -133,8 +134,9 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
     runs = plan_runs(cfg)
     cache = open_cache(cfg.cache)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     shared = {"model": cfg.model, "seed": cfg.seed, "precision": cfg.precision, "device": cfg.device, "attn": cfg.attn}
+    train_cfgs = check_runs(runs, fixed_train, shared, cache, out)
+    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
     base_path = out / "base" / "eval.json"
@@ -146,16 +148,8 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
     rows.append({"name": "base", "kd_lambda": None, "rehearsal_ratio": None, "kd_on": None, "eval": report,
                  "train_seconds": 0.0})
 
-    for i, run in enumerate(runs, start=1):
+    for i, (run, train_cfg) in enumerate(zip(runs, train_cfgs, strict=True), start=1):
         run_dir = out / run.name
-        try:
-            train_cfg = load_config(TrainConfig, None, {**overlay({**fixed_train, **shared}, run.overrides),
-                                                        "cache": str(cache.path), "out": str(run_dir)})
-        except ConfigError as e:
-            raise ConfigError([f"run {run.name}: {p}" for p in e.problems]) from None
-        if "eval_every" not in {**fixed_train, **run.overrides}:  # training curves, unless the user chose
-            steps = train_cfg.max_steps or steps_for_epochs(train_cfg, cache.count("task", "train"))
-            train_cfg = dataclasses.replace(train_cfg, eval_every=max(1, steps // 8))
         eval_path = run_dir / "eval.json"
         done = _finished(run_dir, train_cfg, cache.fingerprint)
         report = _eval_current(eval_path, eval_cfg) if done else None
@@ -178,6 +172,35 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
 
     write_outputs(out, rows, cfg.task_tolerance, command=command, log=log)
     return rows
+
+
+def check_runs(runs: list[PlannedRun], fixed_train: dict, shared: dict, cache: Cache, out: Path) -> list[TrainConfig]:
+    """Every run's train settings, checked before any work: its config, its inputs against the cache and the model
+    (train.check_inputs), and a run kept from an earlier sweep against them. All problems are raised together, each
+    naming its run, so that a sweep never trains some runs and then stops on a later one."""
+    source = open_model_source(shared["model"])
+    configs, problems = [], []
+    for run in runs:
+        run_dir = out / run.name
+        try:
+            train_cfg = load_config(TrainConfig, None, {**overlay({**fixed_train, **shared}, run.overrides),
+                                                        "cache": str(cache.path), "out": str(run_dir)})
+        except ConfigError as e:
+            problems += [f"run {run.name}: {p}" for p in e.problems]
+            continue
+        if "eval_every" not in {**fixed_train, **run.overrides}:  # training curves, unless the user chose
+            steps = train_cfg.max_steps or steps_for_epochs(train_cfg, cache.count("task", "train"))
+            train_cfg = dataclasses.replace(train_cfg, eval_every=max(1, steps // 8))
+        try:
+            check_inputs(train_cfg, cache, source, log=lambda *_: None)
+            _finished(run_dir, train_cfg, cache.fingerprint)
+        except PipelineError as e:
+            problems.append(f"run {run.name}: {e}")
+            continue
+        configs.append(train_cfg)
+    if problems:
+        raise ConfigError(problems)
+    return configs
 
 
 def write_outputs(out: Path, rows: list[dict], tolerance: float, *, command: str, log=print) -> Recommendation | None:
