@@ -17,9 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.recommend import RunFigures, run_figures
+from pipeline.recommend import RunFigures, run_figures, score_label, score_name
+from pipeline.scoring import label
 
-TOLERANCE = 0.02  # "equal task score": within 2 points of exact match (the study's bar)
+TOLERANCE = 0.02  # "equal task score": within 2 points of the task score (the study's bar; it scores exact match)
 PLAIN = "plain-qlora"
 
 
@@ -29,7 +30,7 @@ def _run_yaml(sweep: Path, name: str) -> dict:
 
 
 def _fmt(r: RunFigures) -> str:
-    return (f"exact match {r.score:.3f} +/- {r.score_error:.3f}, forgetting KL {r.kl:.4f}, "
+    return (f"{label(r.score_name)} {r.score:.3f} +/- {r.score_error:.3f}, forgetting KL {r.kl:.4f}, "
             f"top-1 agreement {r.top1_agreement:.3f}")
 
 
@@ -47,7 +48,8 @@ def summarise(task_dir: Path) -> list[str]:
     plain = runs.get(PLAIN)
     if plain is None:
         return [*out, "(no plain-qlora run yet)", ""]
-    out += ["| run | task exact match | task CE | forgetting KL (full vocab) | top-1 agreement | general CE |",
+    scored_by = score_name(list(runs.values()))  # the task score the runs were scored by (evaluate --task-score)
+    out += [f"| run | {score_label(scored_by)} | task CE | forgetting KL (full vocab) | top-1 agreement | general CE |",
             "|---|---|---|---|---|---|"]
     for row in rows:
         r = run_figures(row)
@@ -75,14 +77,14 @@ def summarise(task_dir: Path) -> list[str]:
         base_name = name.removesuffix(",seed=1")
         if base_name in runs:
             b = runs[base_name]
-            out.append(f"* seed spread, `{base_name}`: exact match {b.score:.3f} / {r.score:.3f}, "
+            out.append(f"* seed spread, `{base_name}`: {label(scored_by)} {b.score:.3f} / {r.score:.3f}, "
                        f"KL {b.kl:.4f} / {r.kl:.4f} (seed 0 / seed 1)")
     ranks = sorted(((n, r) for n, r in runs.items() if ",lora_r=" in n), key=lambda x: int(x[0].rsplit("=", 1)[1]))
     if ranks:
         setting = ranks[0][0].rsplit(",lora_r=", 1)[0]
         line = [f"r=8 {runs[setting].score:.3f} / {runs[setting].kl:.4f}"] if setting in runs else []
         line += [f"r={n.rsplit('=', 1)[1]} {r.score:.3f} / {r.kl:.4f}" for n, r in ranks]
-        out.append(f"* LoRA rank at `{setting}` (exact match / KL): " + ", ".join(sorted(line, key=lambda s: int(
+        out.append(f"* LoRA rank at `{setting}` ({label(scored_by)} / KL): " + ", ".join(sorted(line, key=lambda s: int(
             s.split()[0][2:]))))
     # The budget runs are compared with fixed-lambda runs of the same length: not stage 3's longer ones.
     fixed = [r for n, r in runs.items() if not n.startswith("budget=") and ",steps=" not in n]
@@ -95,7 +97,7 @@ def summarise(task_dir: Path) -> list[str]:
         ref = max(within, key=lambda f: f.score, default=None)
         verdict = "within 20% of it or below" if r.kl <= 1.2 * eps else "more than 20% over it"
         line = (f"* budget {eps:g}: held-out forgetting KL {r.kl:.4f} ({r.kl / eps:.2f} x the budget, {verdict}); "
-                f"final lambda {summary.get('final_lambda', float('nan')):.2f}; exact match {r.score:.3f} "
+                f"final lambda {summary.get('final_lambda', float('nan')):.2f}; {label(scored_by)} {r.score:.3f} "
                 f"+/- {r.score_error:.3f}")
         if ref is not None:
             line += (f"; the best fixed-lambda run within the budget, `{ref.name}`, scores {ref.score:.3f} "

@@ -3,9 +3,10 @@
 Everything is scored on the cache's held-out rows, so evaluation needs neither the original JSONL nor the
 teacher model:
 
-* task: mean per-token CE on the task eval rows, and the task's own score - exact match of the greedy
-  answer (prompt = the cached prompt tokens) against the cached reference, both decoded with special tokens
-  dropped and surrounding whitespace trimmed (`answer_text`);
+* task: mean per-token CE on the task eval rows, and the task's own score (--task-score, scoring.py: exact match
+  by default, or normalized, json, contains, regex, or the user's function) of the greedy answer (prompt = the
+  cached prompt tokens) against the cached reference, both decoded with special tokens dropped and surrounding
+  whitespace trimmed (`answer_text`): its mean over the rows and the standard error of that mean;
 * forgetting, on the rehearsal eval rows (refused if a prompt is also among the rehearsal train rows): per
   batch one forward with the adapter on and one with it off (the same loaded model: no second copy), then at
   the response positions
@@ -39,6 +40,7 @@ from pipeline.generate import generate_all
 from pipeline.losses import full_kl_and_agreement
 from pipeline.model_source import open_model_source
 from pipeline.models import load_for_inference
+from pipeline.scoring import NONE, Scorer, load_scorer, score_all, summary
 
 
 @torch.inference_mode()
@@ -97,7 +99,7 @@ def score_forgetting(model, rows: Sequence[CachedRow], *, has_adapter: bool, pad
         with model.disable_adapter():
             base, h_base, _ = student_losses(model, head, batch, precision, positions=positions)
         sums["base_ce"] += base.ce.item()
-        kl, agree = full_kl_and_agreement(h_base, h_tuned, head.weight, bias=head.bias, logit_softcap=head.softcap)
+        kl, agree = full_kl_and_agreement(h_base, h_tuned, head.weight, **head.losses_kwargs())
         sums["kl"] += kl.item()
         sums["agree"] += int(agree)
     per_token = max(n, 1)
@@ -116,16 +118,26 @@ def same_answer(tokenizer, prediction: Sequence[int], reference: Sequence[int]) 
     return answer_text(tokenizer, prediction) == answer_text(tokenizer, reference)
 
 
-def exact_match(model, tokenizer, rows: Sequence[CachedRow], *, batch_size: int, max_new_tokens: int,
-                device: torch.device, precision: str, seed: int) -> dict:
-    """Greedy answers against the cached references (special tokens dropped, whitespace trimmed)."""
+def task_score(model, tokenizer, rows: Sequence[CachedRow], scorer: Scorer, *, batch_size: int,
+               max_new_tokens: int, device: torch.device, precision: str, seed: int) -> dict:
+    """Greedy answers scored against the cached references (both as `answer_text` gives them) by `scorer`.
+
+    Returns:
+        scoring.summary's keys (score, score_name, score_error, and exact_match or fields where they apply),
+        examples, and samples: the first five answers as compared, each with its score.
+    """
     prompts, refs = zip(*(split_prompt(r) for r in rows), strict=True)
     outs = generate_all(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         temperature=0.0, seed=seed, device=device, precision=precision, desc="task answers")
-    hits = [same_answer(tokenizer, o, r) for o, r in zip(outs, refs, strict=True)]
-    samples = [{"id": row.example_id, "reference": answer_text(tokenizer, r), "prediction": answer_text(tokenizer, o)}
-               for row, r, o in list(zip(rows, refs, outs, strict=True))[:5]]
-    return {"exact_match": sum(hits) / max(len(hits), 1), "examples": len(hits), "samples": samples}
+    predictions = [answer_text(tokenizer, o) for o in outs]
+    references = [answer_text(tokenizer, r) for r in refs]
+    # What a user scorer sees besides the two answers: the id, and the prompt as the model saw it (chat template).
+    examples = [{"id": row.example_id, "prompt": tokenizer.decode(list(p), skip_special_tokens=False)}
+                for row, p in zip(rows, prompts, strict=True)]
+    scores = score_all(scorer, predictions, references, examples)
+    samples = [{"id": row.example_id, "reference": ref, "prediction": pred, "score": score}
+               for row, ref, pred, score in list(zip(rows, references, predictions, scores, strict=True))[:5]]
+    return {**summary(scorer.name, scores, predictions, references), "examples": len(scores), "samples": samples}
 
 
 def refuse_trained_prompts(cache: Cache, rows: Sequence[CachedRow]) -> None:
@@ -159,6 +171,7 @@ def eval_rows(cache: Cache, role: str, limit: int | None) -> list[CachedRow]:
 def evaluate(cfg: EvalConfig, log=print) -> dict:
     """Score the base model (no adapter) or base + adapter on the cache's eval rows; returns the report."""
     t0 = time.perf_counter()
+    scorer = load_scorer(cfg.task_score) if cfg.task_score != NONE else None  # before any model is loaded
     cache = open_cache(cfg.cache)
     task_rows = eval_rows(cache, "task", cfg.limit)
     reh_rows = eval_rows(cache, "rehearsal", cfg.limit)
@@ -177,14 +190,15 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     if task_rows:
         task = score_rows(model, task_rows, with_kl=False, desc="task CE", **common)
         report["task"] = {"examples": len(task_rows), "ce": task["ce"], "tokens": task["tokens"]}
-        if cfg.task_score == "exact_match":
-            em = exact_match(model, tokenizer, task_rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                             device=device, precision=precision, seed=cfg.seed)
-            report["task"].update(em)
+        if scorer is not None:
+            report["task"].update(task_score(model, tokenizer, task_rows, scorer, batch_size=cfg.batch_size,
+                                             max_new_tokens=cfg.max_new_tokens, device=device, precision=precision,
+                                             seed=cfg.seed))
     if reh_rows:
         forgetting = score_forgetting(model, reh_rows, has_adapter=bool(cfg.adapter), **common)
         report["forgetting"] = {"examples": len(reh_rows), **forgetting}
-    report["settings"] = {"max_new_tokens": cfg.max_new_tokens, "task_score": cfg.task_score, "limit": cfg.limit,
+    report["settings"] = {"max_new_tokens": cfg.max_new_tokens, "task_score": cfg.task_score,
+                          "task_score_sha256": scorer.sha256 if scorer else None, "limit": cfg.limit,
                           "precision": precision, "device": str(device), "top_k": cache.top_k,
                           "temperature": cache.temperature}
     report["seconds"] = round(time.perf_counter() - t0, 2)

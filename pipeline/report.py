@@ -13,7 +13,17 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.fileio import atomic_path, atomic_write_text
-from pipeline.recommend import EDGE, SCORE_LABEL, Recommendation, RunFigures, choose_rule, fmt_number, run_figures
+from pipeline.recommend import (
+    EDGE,
+    Recommendation,
+    RunFigures,
+    choose_rule,
+    fmt_number,
+    run_figures,
+    score_label,
+    score_name,
+)
+from pipeline.scoring import describe, label
 
 
 def _fmt_score(r: RunFigures) -> str:
@@ -30,10 +40,15 @@ def kd_on_cell(row: dict) -> str:
     return row.get("kd_on") or "-"
 
 
+def rows_score_name(rows: list[dict]) -> str:
+    """The task score the sweep's rows were scored by (recommend.score_name over every row)."""
+    return score_name([run_figures(r) for r in rows])
+
+
 def report_table(rows: list[dict]) -> str:
     """Markdown table, one row per run: setting, task score +/- error, task CE, forgetting figures, train time."""
-    head = ["run", "kd_lambda", "rehearsal", "kd_on", f"{SCORE_LABEL} ± error", "task CE", "forgetting KL (full vocab)",
-            "top-1 agreement", "KL top-k (lower bound)", "general CE", "train time (s)"]
+    head = ["run", "kd_lambda", "rehearsal", "kd_on", f"{score_label(rows_score_name(rows))} ± error", "task CE",
+            "forgetting KL (full vocab)", "top-1 agreement", "KL top-k (lower bound)", "general CE", "train time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         r = run_figures(row)
@@ -51,8 +66,9 @@ def recommendation_text(rec: Recommendation | None) -> str:
     text = f"**Recommended: `{rec.name}`** (adapter: `recommended/adapter`). {rec.reason}"
     if rec.fallback:
         text += f" {rec.fallback}"
-    text += ("\n\nThe rule: among the trained runs whose task score is within the tolerance (`--task-tolerance`) "
-             "of the best run's, the one with the least forgetting (full-vocabulary KL); ties go to the cheaper run.\n")
+    text += (f"\n\nThe rule: among the trained runs whose task score (here: {label(rec.score_name)}, `--task-score "
+             f"{rec.score_name}`) is within the tolerance (`--task-tolerance`) of the best run's, the one with the "
+             "least forgetting (full-vocabulary KL); ties go to the cheaper run.\n")
     if rec.warning:
         text += f"\n> **Warning**: {rec.warning}\n"
     return text
@@ -67,9 +83,12 @@ def write_report(out: Path, rows: list[dict], rec: Recommendation | None, *, com
                "model with the adapter off (lower is better; 0 for the base model)" if has_full_kl else
                "mean per-token KL(base || tuned) on held-out general prompts, over the cached top-k + 1 buckets (these "
                "reports predate the full-vocabulary figure: a lower bound)")
+    name = rec.score_name if rec else rows_score_name(rows)
     text = ("# Sweep report\n\n" + recommendation_text(rec) + "\n" + report_table(rows) + "\n"
-            f"* {SCORE_LABEL}: greedy answer equals the reference (higher is better), ± its sampling error "
-            "sqrt(p (1 - p) / n) over the n held-out examples.\n"
+            f"* {score_label(name)} (`--task-score {name}`): {describe(name)}, averaged over the n held-out task "
+            "examples (higher is better), ± its sampling error: the standard deviation of the per-example scores / "
+            "sqrt(n) (for a 0/1 score, sqrt(p (1 - p) / n)).\n"
+            + fields_line(rows, rec) +
             "* task CE: per-token cross-entropy of the held-out task answers (lower is better).\n"
             f"* forgetting KL: {kl_note}.\n"
             "* top-1 agreement: share of those positions where the tuned and the base model's most likely next token "
@@ -83,6 +102,16 @@ def write_report(out: Path, rows: list[dict], rec: Recommendation | None, *, com
             + f"\nCommand: `{command}`  \nDate: {date}  \npipeline {__version__}\n" + extra)
     atomic_write_text(out / "report.md", text)
     return out / "report.md"
+
+
+def fields_line(rows: list[dict], rec: Recommendation | None) -> str:
+    """For the json score, the recommended run's accuracy per field of the reference (evaluate's task.fields)."""
+    pick = next((r for r in rows if rec is not None and r["name"] == rec.name), None)
+    fields = ((pick or {}).get("eval") or {}).get("task", {}).get("fields")
+    if not fields:
+        return ""
+    cells = ", ".join(f"`{k}` {v['accuracy']:.3f}" for k, v in fields.items())
+    return f"* per field, `{rec.name}`: {cells} (share of the examples whose answer holds the reference's value).\n"
 
 
 def pareto_front(points: list[tuple[str, float, float]], *, higher_is_better: bool) -> list[str]:
@@ -111,6 +140,7 @@ def draw_tradeoff(ax, rows: list[dict], rec: Recommendation | None) -> str | Non
     runs = [run_figures(r) for r in rows]
     rule = rec.rule if rec else choose_rule([r for r in runs if r.name != "base"])
     use_score = rule == "task_score"
+    what = score_label(rec.score_name if rec else score_name([r for r in runs if r.name != "base"]))
     points = [(r.name, r.kl, r.score if use_score else r.task_ce) for r in runs]
     points = [p for p in points if p[1] is not None and p[2] is not None]
     if not points:
@@ -143,11 +173,12 @@ def draw_tradeoff(ax, rows: list[dict], rec: Recommendation | None) -> str | Non
     scale = ", log scale" if ax.get_xscale() == "symlog" else ""
     ax.set_xlabel(f"forgetting: KL(base || tuned) on held-out general prompts{scale}  (lower is better)")
     if use_score:
-        ax.set_ylabel(f"{SCORE_LABEL} ± sampling error  (higher is better)")
+        ax.set_ylabel(f"{what} ± sampling error  (higher is better)")
         ax.set_title("Learned vs forgotten")
     else:
         ax.set_ylabel("held-out task CE  (lower is better)")
-        ax.set_title("Learned vs forgotten (task CE: the exact match does not separate the runs)", fontsize=10)
+        ax.set_title(f"Learned vs forgotten (task CE: the {what.removeprefix('task ')} does not separate the runs)",
+                     fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     if ax.get_xscale() == "linear":
