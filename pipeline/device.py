@@ -38,6 +38,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+# The dtype the 4-bit matmuls (and, on CUDA, autocast) compute in, per --precision. [fp16 note] fp16 is for GPUs
+# without bf16 (T4, V100): the 4-bit matmuls, autocast and on CUDA the unquantised weights in fp16; the logits are
+# upcast to fp32 per chunk and every loss, log-prob and KL is computed in fp32 as for bf16 (losses.py). The
+# bitsandbytes CPU kernel computes in fp16 too (it dequantises and runs an fp16 matmul), so fp16 is not refused on
+# CPU: tests/test_architectures.py trains, resumes and checks the step-0 KL with it there. No loss scaling: the
+# LoRA weights and their gradients stay fp32, the activations' gradients pass through fp16 matmuls.
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def weights_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype of the unquantised weights (embeddings, norms, output head): on CUDA the compute dtype, as HF
     QLoRA loads them (most checkpoints are stored in bf16, so nothing is lost; an 8B model's embeddings and head
@@ -51,7 +60,9 @@ def weights_dtype(precision: str, device: torch.device) -> torch.dtype:
     the logits in fp32), 4.9e-6 with fp32 weights; the bound is 1e-4. On CUDA the same check is still to be
     run.
     """
-    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    return COMPUTE_DTYPES.get(precision, torch.float32)
 
 
 def check_attn(attn: str, device: torch.device) -> None:
@@ -66,14 +77,15 @@ def check_attn(attn: str, device: torch.device) -> None:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA when precision is bf16; off on CPU.
+    """bf16 (fp16) autocast on CUDA when precision is bf16 (fp16); off on CPU.
 
     [cpu autocast note] On CPU the 4-bit matmuls already compute in bf16 (bnb_4bit_compute_dtype) and the rest
     (attention, norms, LoRA) is cheap: autocasting it too gave no measurable speed-up on SmolLM2-135M
     (8.0 vs 8.3 s per step) but doubled the largest top-5 log-prob difference to an fp32-compute
     recomputation (0.36 -> 0.89).
     """
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=COMPUTE_DTYPES.get(precision, torch.float32),
+                          enabled=precision in ("bf16", "fp16") and device.type == "cuda")
 
 
 def resolve_runtime(device: str, precision: str, attn: str) -> tuple[torch.device, str]:

@@ -107,9 +107,11 @@ def per_token_kl(
 
 
 def _logits(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, logit_softcap: float | None, dtype: torch.dtype
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, logit_softcap: float | None, dtype: torch.dtype,
+    logit_scale: float | None = None,
 ) -> Tensor:
-    """(n, H) hidden -> (n, V) logits in `dtype`, softcapped if asked. The only full-vocabulary tensor's birth.
+    """(n, H) hidden -> (n, V) logits in `dtype`: hidden @ weight.T + bias, times logit_scale, then softcapped, in
+    the order the architectures' own forwards apply them (forward.HEAD_FORMS). The only full-vocabulary tensor's birth.
 
     [low-precision head note] A bf16 / fp16 head is never upcast: `weight.to(fp32)` would be an fp32 copy of the
     whole (V, H) head, in the forward and again in the checkpointed recomputation of every chunk (2 GB at
@@ -125,9 +127,19 @@ def _logits(
         logits = hidden.to(dtype) @ weight.to(dtype).T  # (n, V) <- the big one, one chunk of tokens only
     if bias is not None:
         logits = logits + bias.to(dtype)
+    if logit_scale is not None:
+        logits = logits * logit_scale
     if logit_softcap is not None:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
     return logits
+
+
+def head_logits(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None, logit_softcap: float | None = None,
+                logit_scale: float | None = None) -> Tensor:
+    """(n, H) hidden -> (n, V) logits, fp32 (fp64 for fp64 hidden), exactly as every loss here computes them: for
+    comparing the head path with a model's own forward (forward.check_output_head). Arguments as in response_losses.
+    """
+    return _logits(hidden, weight, bias, logit_softcap, torch.promote_types(hidden.dtype, torch.float32), logit_scale)
 
 
 def _chunk_losses(
@@ -142,13 +154,14 @@ def _chunk_losses(
     kind: str,
     logit_softcap: float | None,
     dtype: torch.dtype,
+    logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """CE sum and KL sum of one chunk of n tokens. Shapes as in response_losses with N -> n.
 
     Returns:
         (ce_sum, kl_sum): scalars in `dtype`; kl_sum is None when no teacher is given.
     """
-    logits = _logits(hidden, weight, bias, logit_softcap, dtype)  # (n, V)
+    logits = _logits(hidden, weight, bias, logit_softcap, dtype, logit_scale)  # (n, V)
     vocab = logits.shape[-1]
 
     # Cross-entropy at temperature 1, written as lse - logit[label] (= F.cross_entropy(..., reduction="sum")) so the
@@ -193,6 +206,7 @@ def response_losses(
     kl: str = "forward",
     chunk_size: int = 1024,
     logit_softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> LossSums:
     """Cross-entropy and sparse KL sums over the response tokens of one micro-batch, chunk by chunk.
 
@@ -215,7 +229,10 @@ def response_losses(
         kl: one of KL_KINDS.
         chunk_size: tokens per chunk; only one chunk's (chunk, V) fp32 logits (and their few same-size temporaries)
             exist at a time, in the forward and in the backward.
-        logit_softcap: if set, logits = softcap * tanh(logits / softcap) (gemma-style), before everything else.
+        logit_softcap: if set, logits = softcap * tanh(logits / softcap) (gemma-style), after the bias and the scale
+            and before everything else.
+        logit_scale: if set, logits = (hidden @ weight.T + bias) * logit_scale, before the softcap (Granite:
+            1 / logits_scaling, Cohere: logit_scale).
 
     Returns:
         LossSums with fp32 scalar sums (fp64 if hidden is fp64) connected to the autograd graph of hidden.
@@ -279,6 +296,7 @@ def response_losses(
             kl,
             logit_softcap,
             dtype,
+            logit_scale,
         )
         if needs_grad:
             ce, kl_sum = checkpoint(_chunk_losses, *args, use_reentrant=False, preserve_rng_state=False)
@@ -301,6 +319,7 @@ def topk_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     logit_softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Teacher side (used by cache-teacher, no grad): top-k ids and log-probs under log_softmax(logits / T).
 
@@ -311,7 +330,7 @@ def topk_logprobs(
         bias: (V,) lm_head bias, if any.
         temperature: T of the cached distribution; the student's KL must use the same T.
         chunk_size: tokens per chunk; one chunk's (chunk, V) fp32 block at a time.
-        logit_softcap: as in response_losses.
+        logit_softcap, logit_scale: as in response_losses.
 
     Returns:
         (ids, logprobs): (N, k) long and (N, k) fp32, most likely first, computed chunk by chunk.
@@ -321,7 +340,8 @@ def topk_logprobs(
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     ids_chunks, lp_chunks = [], []
     for start in range(0, n_tokens, chunk_size):
-        logits = _logits(hidden[start : start + chunk_size], weight, bias, logit_softcap, dtype)  # (n, V)
+        h = hidden[start : start + chunk_size]
+        logits = _logits(h, weight, bias, logit_softcap, dtype, logit_scale)  # (n, V)
         logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (n, V)
         values, ids = torch.topk(logprobs, k, dim=-1, largest=True, sorted=True)
         ids_chunks.append(ids)
@@ -342,6 +362,7 @@ def full_kl_and_agreement(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     logit_softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """KL(base || tuned) over the whole vocabulary, and top-1 agreement, summed over N tokens (no grad).
 
@@ -358,7 +379,7 @@ def full_kl_and_agreement(
         temperature: T of both distributions (1: the models as they are); argmax does not depend on it.
         chunk_size: tokens per chunk; only one chunk's two (chunk, V) fp32 log-prob blocks (and a few same-size
             temporaries) exist at a time.
-        logit_softcap: as in response_losses.
+        logit_softcap, logit_scale: as in response_losses.
 
     Returns:
         (kl_sum, n_agree): an fp32 scalar (fp64 if the hidden states are) and a long scalar, on the device of
@@ -375,8 +396,8 @@ def full_kl_and_agreement(
     n_agree = torch.zeros((), dtype=torch.long, device=h_base.device)
     for start in range(0, h_base.shape[0], chunk_size):
         end = start + chunk_size
-        base = _logits(h_base[start:end], weight, bias, logit_softcap, dtype)  # (n, V)
-        tuned = _logits(h_tuned[start:end], weight, bias, logit_softcap, dtype)  # (n, V)
+        base = _logits(h_base[start:end], weight, bias, logit_softcap, dtype, logit_scale)  # (n, V)
+        tuned = _logits(h_tuned[start:end], weight, bias, logit_softcap, dtype, logit_scale)  # (n, V)
         n_agree += (base.argmax(-1) == tuned.argmax(-1)).sum()
         log_p = torch.log_softmax(base / temperature if temperature != 1.0 else base, dim=-1)  # (n, V)
         log_q = torch.log_softmax(tuned / temperature if temperature != 1.0 else tuned, dim=-1)  # (n, V)
@@ -412,6 +433,7 @@ __all__ = [
     "TEACHER_LOGPROB_FLOOR",
     "LossSums",
     "full_kl_and_agreement",
+    "head_logits",
     "l2_penalty",
     "per_token_kl",
     "response_losses",

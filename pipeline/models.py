@@ -23,7 +23,7 @@ from pipeline.model_source import ModelSource, quiet_transformers
 def quantization_settings(precision: str) -> dict:
     """What goes into BitsAndBytesConfig, also recorded in the cache manifest."""
     return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-            "bnb_4bit_compute_dtype": "bfloat16" if precision == "bf16" else "float32"}
+            "bnb_4bit_compute_dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")}
 
 
 def load_model(model_dir: Path, device: torch.device, precision: str, *, quantize: bool = True,
@@ -31,8 +31,8 @@ def load_model(model_dir: Path, device: torch.device, precision: str, *, quantiz
     """Load a causal LM: frozen, eval mode, 4-bit NF4 with double quantisation unless quantize=False.
 
     Unquantised parameters (embeddings, norms, output head) are loaded in `weights_dtype(...)`; the
-    4-bit matmuls compute in bf16 when `precision` is bf16. Used for the teacher and the student alike (see
-    the module note).
+    4-bit matmuls compute in bf16 (fp16) when `precision` is bf16 (fp16). Used for the teacher and the student
+    alike (see the module note).
 
     Args:
         attn: transformers' attn_implementation (config.ATTN_IMPLEMENTATIONS); it can change the numbers
@@ -51,7 +51,11 @@ def load_model(model_dir: Path, device: torch.device, precision: str, *, quantiz
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, ImportError) as e:
-        raise PipelineError(f"{model_dir}: cannot load model: {' '.join(str(e).split())[:300]}") from e
+        said = " ".join(str(e).split())
+        if "does not support an attention implementation" in said:  # transformers' own refusal, e.g. Gemma 2's sdpa
+            what = said.split(" through ")[0].split(" yet.")[0]  # "Gemma2ForCausalLM does not support an attention ..."
+            raise PipelineError(f"--attn {attn}: {what}; use --attn eager") from e
+        raise PipelineError(f"{model_dir}: cannot load model: {said[:300]}") from e
     if quantize:
         _disable_cpu_weight_repacking(model)
     model.eval()
@@ -95,6 +99,11 @@ def attach_lora(model, *, r: int, alpha: float, dropout: float, target_modules: 
     try:
         model = get_peft_model(model, config)
     except ValueError as e:
+        if "ParamWrapper does not work with lora_dropout" in str(e):  # peft's own limit
+            raise PipelineError(
+                f"lora_dropout={dropout}: peft adapts the experts of a mixture-of-experts model (stacked 3-D "
+                "parameters, not linear layers) only without dropout; pass --lora-dropout 0, or name the attention "
+                "projections alone in --lora-target-modules") from e
         raise PipelineError(f"lora_target_modules={target_modules!r}: {e}") from e
     if dropout > 0 and next(model.parameters()).device.type == "cpu":
         for module in model.modules():

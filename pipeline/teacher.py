@@ -37,8 +37,8 @@ def teacher_topk(model, head: OutputHead, input_ids: torch.Tensor, attention_mas
     with model.disable_adapter() if adapter_off else contextlib.nullcontext():
         hidden = forward_hidden(model, input_ids, attention_mask, precision)  # (B, T, H)
     rows, cols = response_positions(loss_mask)
-    return topk_logprobs(hidden[rows, cols], head.weight, top_k, bias=head.bias, temperature=temperature,
-                         chunk_size=chunk_size, logit_softcap=head.softcap)
+    return topk_logprobs(hidden[rows, cols], head.weight, top_k, temperature=temperature, chunk_size=chunk_size,
+                         **head.losses_kwargs())
 
 
 def as_stored(logprobs: torch.Tensor, logprob_dtype: str = "float16") -> torch.Tensor:
