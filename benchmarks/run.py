@@ -47,7 +47,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the table's ou
 
 from pipeline.batches import collate, collate_rows, length_batches
 from pipeline.cache.read import open_cache
-from pipeline.cache.write import build_cache, read_inputs
+from pipeline.cache.write import build_cache, planned_inputs, read_inputs
 from pipeline.config import CacheConfig, TrainConfig
 from pipeline.device import resolve_device, resolve_precision
 from pipeline.forward import output_head
@@ -113,13 +113,13 @@ def bench_cache(model: str, task: Path, rehearsal: Path, work: Path, top_k: int,
     """cache-teacher against a plain transformers forward over the same length-sorted batches. The plain forward
     is timed before and after the cache build and averaged, so that a machine slowing down or speeding up during
     the run (shared, noisy) does not favour either side."""
-    cfg = CacheConfig(model=model, task_train=str(task), rehearsal_train=str(rehearsal), out=str(work / "cache"),
-                      top_k=top_k, max_length=512, batch_size=batch_size)
+    cfg = CacheConfig(model=model, task_train=str(task), rehearsal_train=str(rehearsal), rehearsal_eval="none",
+                      eval_fraction=0, out=str(work / "cache"), top_k=top_k, max_length=512, batch_size=batch_size)
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
-    examples, _, _ = read_inputs(cfg, tokenizer, **QUIET)
+    examples, _, _ = read_inputs(cfg, planned_inputs(cfg, work / "cache"), tokenizer, **QUIET)
     teacher = load_model(model_dir, device, precision)
     head = output_head(teacher)
     batches = []

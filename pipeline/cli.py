@@ -186,11 +186,14 @@ def train_cmd(config_file: str | None, **flags) -> None:
 @user_errors
 def evaluate_cmd(config_file: str | None, **flags) -> None:
     """Score an adapter (or, without --adapter, the base model) on the cache's held-out rows, as JSON:
-    task CE and exact match (what it learned), KL(base || tuned) and CE on general data (what it forgot).
+    task CE and the task score, exact match unless --task-score says otherwise (what it learned), KL(base || tuned)
+    and CE on general data (what it forgot).
 
     \b
-    Example:
+    Examples:
       pipeline evaluate --cache runs/demo/cache --adapter runs/demo/sweep/kd_lambda=0.5/adapter --out eval.json
+      pipeline evaluate --cache runs/demo/cache --adapter run/adapter --task-score json   # + per-field accuracy
+      pipeline evaluate --cache my/cache --adapter run/adapter --task-score python:my_scorer.py:score
     """
     from pipeline.evaluate import dumps, evaluate
 
@@ -206,9 +209,10 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     write OUT/report.md, OUT/tradeoff.png, OUT/curves.png and OUT/recommendation.json. Any train flag sets the
     fixed part of every run. Rerun to resume.
 
-    The recommended run: among the runs whose task score is within --task-tolerance of the best run's, the one
-    that forgets least (full-vocabulary KL on held-out general prompts); ties go to the cheaper run. When the
-    task score does not separate the runs (e.g. all 0), held-out task CE is used instead (relative tolerance).
+    The recommended run: among the runs whose task score (--task-score, exact match by default) is within
+    --task-tolerance of the best run's, the one that forgets least (full-vocabulary KL on held-out general
+    prompts); ties go to the cheaper run. When the task score does not separate the runs (e.g. all 0), held-out
+    task CE is used instead (relative tolerance).
     Its adapter is linked at OUT/recommended/adapter, ready for `generate` and `merge`.
 
     \b
@@ -226,7 +230,8 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     cfg = load_config(SweepConfig, config_file, {k: v for k, v in flags.items() if k in sweep_names})
     fixed = overlay(section_values(config_file, "train"),
                     {k: v for k, v in flags.items() if k in train_names and v is not None})
-    eval_cfg = load_config(EvalConfig, config_file, {"cache": cfg.cache, "limit": cfg.eval_limit})
+    eval_cfg = load_config(EvalConfig, config_file, {"cache": cfg.cache, "limit": cfg.eval_limit,
+                                                     "task_score": cfg.task_score})
     command = "pipeline sweep " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["sweep"] else "pipeline sweep"
     rows = sweep(cfg, fixed, eval_cfg, command=command)
     from pipeline.report import report_table
@@ -235,6 +240,31 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     click.echo(f"report: {cfg.out}/report.md, plots: {cfg.out}/tradeoff.png, {cfg.out}/curves.png")
     if (Path(cfg.out) / "recommended" / "adapter").exists():
         click.echo(f"recommended adapter: {cfg.out}/recommended/adapter (why: {cfg.out}/recommendation.json)")
+
+
+@main.command("run")
+@config_options(CacheConfig, SweepConfig, TrainConfig, EvalConfig, skip=("cache", "resume", "overwrite", "adapter",
+                                                                      "limit"))
+@user_errors
+def run_cmd(config_file: str | None, **flags) -> None:
+    """The whole job in one command: cache the teacher's targets, train an adapter with the defaults, score the base
+    and the adapter on held-out rows, and write OUT/report.md (task score and forgetting against the base),
+    OUT/adapter and OUT/cache. Task rows alone are enough: without rehearsal data the base model answers the general
+    prompts that ship with pipeline, and without --task-eval a part of the task rows is held out (--eval-fraction).
+    With --lambdas or --grid it trains one run per setting and recommends one, as `sweep` does. Rerun to resume.
+
+    \b
+    Examples:
+      pipeline run --model Qwen/Qwen2.5-1.5B-Instruct --task-train my_task.csv --out runs/mine
+      pipeline run --task-train data/demo/task_train.jsonl --out runs/lambdas --lambdas 0,1 --max-steps 40
+    """
+    from pipeline.job import run_job
+
+    command = "pipeline run " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["run"] else "pipeline run"
+    out = run_job(config_file, flags, command=command, log=log_to_stderr)
+    click.echo(f"report: {out}/report.md")
+    if (out / "adapter").exists():
+        click.echo(f"adapter: {out}/adapter (use it with pipeline generate --adapter {out}/adapter, or merge it)")
 
 
 @main.command("make-rehearsal")

@@ -81,6 +81,14 @@ def column_problems(columns: dict[str, str]) -> list[str]:
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# cache-teacher's rehearsal inputs: this value opts out of the data it would otherwise make itself.
+NONE = "none"
+MAX_HELD_OUT = 500  # cache-teacher --eval-fraction holds out at most this many task rows
+
+
+def given(path: str | None) -> bool:
+    """An input file option that names a file: set, and not NONE."""
+    return bool(path) and path != NONE
 # The KL variants losses.per_token_kl computes (train --kl).
 KL_KINDS = ("forward", "reverse", "topk_renorm")
 
@@ -94,8 +102,8 @@ class CommonConfig:
                      f"file, or the name of a built-in model ({BUILTIN_MODEL}).")
     seed: int = opt(0, "Random seed (data order, LoRA init, dropout, sampling).")
     precision: str = opt("auto", "Compute precision of the 4-bit matmuls and autocast: bf16 where the CPU/GPU supports "
-                         "it (auto), or force bf16/fp32. Log-probs and losses are always fp32.",
-                         choices=("auto", "bf16", "fp32"))
+                         "it (auto), or force bf16/fp32; fp16 for GPUs without bf16 (T4, V100). Log-probs and "
+                         "losses are always fp32.", choices=("auto", "bf16", "fp16", "fp32"))
     device: str = opt("auto", "cuda, cpu, or auto (CUDA when available).", choices=("auto", "cpu", "cuda"))
     attn: str = opt("sdpa", "Attention implementation of the model (transformers' attn_implementation); "
                     "flash_attention_2 needs the flash-attn package and a CUDA GPU.",
@@ -113,8 +121,16 @@ class CacheConfig(CommonConfig):
     task_train: str | None = opt(None, "The new task, training part (JSONL, JSON, Parquet, CSV or a save_to_disk "
                                  "directory, as every data option).")
     task_eval: str | None = opt(None, "The new task, held-out part.")
-    rehearsal_train: str | None = opt(None, "General instruction data to rehearse, training part.")
-    rehearsal_eval: str | None = opt(None, "General instruction data, held-out part (measures forgetting).")
+    rehearsal_train: str | None = opt(None, "General instruction data to rehearse, training part. When neither "
+                                      "rehearsal option is given, the base model answers the general prompts that ship "
+                                      "with pipeline (as make-rehearsal does) into CACHE/generated/, a train and a "
+                                      "held-out part; none: no rehearsal training data.")
+    rehearsal_eval: str | None = opt(None, "General instruction data, held-out part (measures forgetting); made from "
+                                     "the shipped prompts as above when neither rehearsal option is given; none: "
+                                     "forgetting is not measured.")
+    eval_fraction: float = opt(0.1, "Without --task-eval: hold out this share of the --task-train rows to score the "
+                               f"task (at most {MAX_HELD_OUT} rows, at least 1; chosen by example id and --seed). 0: "
+                               "hold out nothing.", min=0, max=0.5)
     columns: dict[str, str] = columns_opt()
     out: str | None = opt(None, "Cache directory to write (rerun on the same directory to resume).", required=True)
     top_k: int = opt(32, "Teacher tokens kept per response position (the rest becomes one residual bucket).",
@@ -128,9 +144,12 @@ class CacheConfig(CommonConfig):
 
     def check(self) -> list[str]:
         problems = column_problems(self.columns)
-        if not any((self.task_train, self.task_eval, self.rehearsal_train, self.rehearsal_eval)):
+        if not any(given(p) for p in (self.task_train, self.task_eval, self.rehearsal_train, self.rehearsal_eval)):
             problems.append("no input: give at least one of --task-train, --task-eval, --rehearsal-train, "
                             "--rehearsal-eval")
+        if self.task_eval == NONE:
+            problems.append("task_eval: 'none' is not a file; to score no task rows, leave it out and pass "
+                            "--eval-fraction 0")
         return problems
 
 
@@ -280,11 +299,18 @@ class SweepConfig(CommonConfig):
     runs: list[dict] = opt([], "Extra runs, each a mapping of train settings (config file only).")
     eval_limit: int | None = opt(None, "Score at most N examples of each eval set per run (overrides evaluate.limit).",
                                  positive=True)
+    task_score: str | None = opt(None, "The task score every run is scored and compared by (overrides "
+                                 "evaluate.task_score, default exact_match): exact_match, normalized, json, contains, "
+                                 "regex or python:PATH_OR_MODULE:FUNCTION (see evaluate --help).")
     task_tolerance: float = opt(0.02, "The recommendation: among the runs whose task score is within this of the "
                                 "best run's (absolute: 0.02 = 2 points of a 0..1 task score), the one with the least "
                                 "forgetting (full-vocabulary KL); ties go to the cheaper run. When the task score does "
                                 "not separate the runs, task CE is used and the tolerance is relative (0.02 = 2%).",
                                 min=0)
+
+    def check(self) -> list[str]:
+        problem = spec_problem(self.task_score) if self.task_score is not None else None
+        return [f"task_score: {problem}"] if problem else []
 
 
 @dataclass

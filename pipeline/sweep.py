@@ -41,6 +41,7 @@ from pipeline.model_source import open_model_source
 from pipeline.recommend import Recommendation, recommend
 from pipeline.report import plot_curves, plot_tradeoff, write_report
 from pipeline.run_dir import read_run_yaml, refuse_other_settings
+from pipeline.scoring import NONE, load_scorer
 from pipeline.train import check_inputs, steps_for_epochs, train
 
 # Train settings that a sweep sets itself, per run.
@@ -115,8 +116,9 @@ def _finished(run_dir: Path, want: TrainConfig, cache_fingerprint: str) -> bool:
     return recorded.get("status") == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
-def _eval_current(path: Path, eval_cfg: EvalConfig) -> dict | None:
-    """A previous eval.json if it was made with the same evaluation settings."""
+def _eval_current(path: Path, eval_cfg: EvalConfig, scorer_sha256: str | None) -> dict | None:
+    """A previous eval.json if it was made with the same evaluation settings (and, for a python: task score, the
+    same content of the user's scorer file: an edited scorer rescores every run)."""
     if not path.is_file():
         return None
     try:
@@ -125,6 +127,8 @@ def _eval_current(path: Path, eval_cfg: EvalConfig) -> dict | None:
         return None
     settings = report.get("settings", {})
     if any(settings.get(k) != getattr(eval_cfg, k) for k in EVAL_KEYS):
+        return None
+    if settings.get("task_score_sha256") != scorer_sha256:
         return None
     return report
 
@@ -138,9 +142,10 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
     train_cfgs = check_runs(runs, fixed_train, shared, cache, out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    scorer_sha256 = load_scorer(eval_cfg.task_score).sha256 if eval_cfg.task_score != NONE else None
 
     base_path = out / "base" / "eval.json"
-    report = _eval_current(base_path, eval_cfg)
+    report = _eval_current(base_path, eval_cfg, scorer_sha256)
     if report is None:
         log("== base model (the baseline row)")
         report = evaluate(dataclasses.replace(eval_cfg, **shared, cache=str(cache.path), adapter=None,
@@ -152,7 +157,7 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
         run_dir = out / run.name
         eval_path = run_dir / "eval.json"
         done = _finished(run_dir, train_cfg, cache.fingerprint)
-        report = _eval_current(eval_path, eval_cfg) if done else None
+        report = _eval_current(eval_path, eval_cfg, scorer_sha256) if done else None
         if report is None:
             if not done:
                 log(f"== run {i}/{len(runs)}: {run.name}")
@@ -174,6 +179,19 @@ def sweep(cfg: SweepConfig, fixed_train: dict, eval_cfg: EvalConfig, *, command:
     return rows
 
 
+def run_config(run: PlannedRun, fixed_train: dict, shared: dict, cache: str, out: Path) -> TrainConfig:
+    """The train settings of one run: the shared settings, the sweep's fixed train settings, then the run's own.
+
+    Raises:
+        ConfigError: every problem of the run's settings, each naming the run.
+    """
+    try:
+        return load_config(TrainConfig, None, {**overlay({**fixed_train, **shared}, run.overrides), "cache": cache,
+                                               "out": str(out / run.name)})
+    except ConfigError as e:
+        raise ConfigError([f"run {run.name}: {p}" for p in e.problems]) from None
+
+
 def check_runs(runs: list[PlannedRun], fixed_train: dict, shared: dict, cache: Cache, out: Path) -> list[TrainConfig]:
     """Every run's train settings, checked before any work: its config, its inputs against the cache and the model
     (train.check_inputs), and a run kept from an earlier sweep against them. All problems are raised together, each
@@ -183,10 +201,9 @@ def check_runs(runs: list[PlannedRun], fixed_train: dict, shared: dict, cache: C
     for run in runs:
         run_dir = out / run.name
         try:
-            train_cfg = load_config(TrainConfig, None, {**overlay({**fixed_train, **shared}, run.overrides),
-                                                        "cache": str(cache.path), "out": str(run_dir)})
+            train_cfg = run_config(run, fixed_train, shared, str(cache.path), out)
         except ConfigError as e:
-            problems += [f"run {run.name}: {p}" for p in e.problems]
+            problems += e.problems
             continue
         if "eval_every" not in {**fixed_train, **run.overrides}:  # training curves, unless the user chose
             steps = train_cfg.max_steps or steps_for_epochs(train_cfg, cache.count("task", "train"))

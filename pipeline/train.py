@@ -32,7 +32,7 @@ from pipeline.budget import dual_ascent, next_kd_lambda
 from pipeline.cache.read import Cache, MemoryRows, describe, open_cache
 from pipeline.cache.schema import CachedRow
 from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import CacheConfig, TrainConfig, to_dict
+from pipeline.config import NONE, CacheConfig, TrainConfig, to_dict
 from pipeline.device import resolve_runtime
 from pipeline.errors import PipelineError
 from pipeline.evaluate import eval_rows, score_rows
@@ -262,12 +262,12 @@ def teacher_settings(cfg: TrainConfig, cache: Cache | None) -> tuple[int, float]
 
 def online_rows(cfg: TrainConfig, tokenizer, log=print) -> MemoryRows:
     """--online-teacher: the training data read and tokenised exactly as cache-teacher would, kept in memory."""
-    from pipeline.cache.write import read_inputs
+    from pipeline.cache.write import planned_inputs, read_inputs
 
-    ccfg = CacheConfig(model=cfg.model, task_train=cfg.task_train, rehearsal_train=cfg.rehearsal_train, out="-",
-                       max_length=cfg.max_length or cache_default("max_length"), skip_bad_lines=cfg.skip_bad_lines,
-                       columns=cfg.columns)
-    examples, _, _ = read_inputs(ccfg, tokenizer, log)
+    ccfg = CacheConfig(model=cfg.model, task_train=cfg.task_train, rehearsal_train=cfg.rehearsal_train or NONE,
+                       rehearsal_eval=NONE, eval_fraction=0, out="-", skip_bad_lines=cfg.skip_bad_lines,
+                       max_length=cfg.max_length or cache_default("max_length"), columns=cfg.columns)
+    examples, _, _ = read_inputs(ccfg, planned_inputs(ccfg, Path("-")), tokenizer, log)
     empty_ids, empty_lps = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
     return MemoryRows([CachedRow(e.id, e.role, e.split, np.asarray(e.input_ids, np.int64),
                                  np.asarray(e.loss_mask, bool), empty_ids, empty_lps) for e in examples])

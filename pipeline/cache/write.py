@@ -16,7 +16,9 @@ even before the manifest exists.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import hashlib
 import json
 import time
 from collections import Counter
@@ -45,13 +47,13 @@ from pipeline.cache.schema import (
     shard_table,
     storage_settings,
 )
-from pipeline.config import CacheConfig
+from pipeline.config import MAX_HELD_OUT, CacheConfig, given
 from pipeline.device import resolve_runtime
 from pipeline.errors import PipelineError
 from pipeline.faults import crash_point
 from pipeline.fileio import TMP_MARK, atomic_path, atomic_write_json, read_json, sha256_file
 from pipeline.forward import output_head
-from pipeline.inputs import ROLES, SPLITS, Tokenized, input_sha256, read_examples, tokenize_example
+from pipeline.inputs import ROLES, SPLITS, Example, Tokenized, input_sha256, read_examples, tokenize_example
 from pipeline.memory import footprint
 from pipeline.model_source import ModelSource, open_model_source, output_vocab_size
 from pipeline.models import load_model, quantization_settings
@@ -142,21 +144,86 @@ class CacheSummary:
         ]
 
 
-def _inputs(cfg: CacheConfig) -> list[tuple[str, str, str]]:
-    pairs = [(cfg.task_train, "task", "train"), (cfg.task_eval, "task", "eval"),
-             (cfg.rehearsal_train, "rehearsal", "train"), (cfg.rehearsal_eval, "rehearsal", "eval")]
-    return [(p, role, split) for p, role, split in pairs if p]
+GENERATED = "generated"  # CACHE/generated/: the rehearsal data cache-teacher made itself
+PROMPTS = Path(__file__).resolve().parents[1] / "prompts"  # the general prompts that ship with pipeline
 
 
-def read_inputs(cfg: CacheConfig, tokenizer, log=print) -> tuple[list[Tokenized], dict, dict]:
-    """Read, validate and tokenise every input; return (examples, input records, counters). No model needed."""
+@dataclass(frozen=True)
+class Input:
+    """One input file of a cache and the part it fills."""
+
+    path: str
+    role: str  # "task" or "rehearsal"
+    split: str  # "train" or "eval"
+    made_from: str | None = None  # the shipped prompt file the base model answers to make this file (rehearsal)
+
+
+def planned_inputs(cfg: CacheConfig, out: Path) -> list[Input]:
+    """The inputs of a cache: the files given and, when no rehearsal file is given at all, a generated one for each
+    rehearsal part (`none` opts out of a part)."""
+    inputs = [Input(p, "task", split) for p, split in ((cfg.task_train, "train"), (cfg.task_eval, "eval")) if p]
+    make = not (given(cfg.rehearsal_train) or given(cfg.rehearsal_eval))
+    for split, value in (("train", cfg.rehearsal_train), ("eval", cfg.rehearsal_eval)):
+        if value is None and make:
+            inputs.append(Input(str(out / GENERATED / f"rehearsal_{split}.jsonl"), "rehearsal", split,
+                                made_from=f"general_{split}.jsonl"))
+        elif given(value):
+            inputs.append(Input(value, "rehearsal", split))
+    return inputs
+
+
+def make_missing_rehearsal(cfg: CacheConfig, inputs: Sequence[Input], log=print) -> None:
+    """The rehearsal files cache-teacher makes itself: the base model answers the shipped general prompts, exactly as
+    `pipeline make-rehearsal` does (sampled at T = 1, resumable), once; a finished file is kept."""
+    from pipeline.config import RehearsalConfig
+    from pipeline.rehearsal import make_rehearsal, partial_path
+
+    for inp in inputs:
+        target = Path(inp.path)
+        if inp.made_from is None or (target.is_file() and not partial_path(target).exists()):
+            continue
+        prompts = PROMPTS / inp.made_from
+        n = sum(1 for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip())
+        log(f"no --rehearsal-{inp.split}: the base model answers the {n} general prompts that ship with pipeline "
+            f"({inp.split} part) into {target}; give --rehearsal-{inp.split} FILE to use your own, or none")
+        create_dir(target.parent, "cache directory")
+        make_rehearsal(RehearsalConfig(model=cfg.model, seed=cfg.seed, precision=cfg.precision, device=cfg.device,
+                                       attn=cfg.attn, prompts=str(prompts), out=str(target)), log=log)
+
+
+def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held out): round(fraction * n) of the examples (at least 1 of 2 or more, at most MAX_HELD_OUT) moved
+    to the eval split, chosen by a seeded hash of their ids, so the choice does not depend on the file's order."""
+    n = len(examples)
+    k = min(MAX_HELD_OUT, max(1, round(fraction * n))) if fraction > 0 and n >= 2 else 0
+    ranked = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}\0{e.id}".encode()).digest())
+    held = {e.id for e in ranked[:k]}
+    return ([e for e in examples if e.id not in held],
+            [dataclasses.replace(e, split="eval") for e in examples if e.id in held])
+
+
+def read_inputs(cfg: CacheConfig, inputs: Sequence[Input], tokenizer, log=print) -> tuple[list[Tokenized], dict, dict]:
+    """Read, validate and tokenise every input; return (examples, input records, counters). No model needed.
+
+    Without --task-eval, --eval-fraction of the task training rows become the task's held-out part (hold_out).
+    """
     examples: list[Tokenized] = []
     records = []
     counts = Counter()
     first_source: dict[str, str] = {}
-    for path, role, split in _inputs(cfg):
-        exs, stats = read_examples(path, role=role, split=split, skip_bad_lines=cfg.skip_bad_lines,
-                                   columns=cfg.columns)
+    split_task = cfg.eval_fraction > 0 and not any(i.role == "task" and i.split == "eval" for i in inputs)
+    for inp in inputs:
+        path, role, split = inp.path, inp.role, inp.split
+        columns = None if inp.made_from else cfg.columns  # the generated files use the documented fields
+        exs, stats = read_examples(path, role=role, split=split, skip_bad_lines=cfg.skip_bad_lines, columns=columns)
+        held_out: dict = {}
+        if split_task and role == "task" and split == "train":
+            exs, held = hold_out(exs, cfg.eval_fraction, cfg.seed)
+            exs += held
+            held_out = {"held_out": {"fraction": cfg.eval_fraction, "seed": cfg.seed, "rows": len(held)}}
+            log(f"no --task-eval: {len(held)} of the {len(exs)} task rows held out to score the task "
+                f"(--eval-fraction {cfg.eval_fraction:g}, chosen by example id with seed {cfg.seed}); give --task-eval "
+                "FILE to use your own, or --eval-fraction 0 to train on all")
         counts["skipped_bad_lines"] += len(stats.skipped)
         for line in stats.skipped[:5]:
             log(f"skipped bad line {line}")
@@ -180,11 +247,27 @@ def read_inputs(cfg: CacheConfig, tokenizer, log=print) -> tuple[list[Tokenized]
                 f"(first: {', '.join(too_long[:3])})")
         records.append({"path": str(Path(path).resolve()), "sha256": input_sha256(path), "role": role,
                         "split": split, "examples": len(exs), "skipped_bad_lines": len(stats.skipped),
-                        **({"columns": dict(cfg.columns)} if cfg.columns else {})})
+                        **({"columns": dict(columns)} if columns else {}),
+                        **({"made_from": f"pipeline/prompts/{inp.made_from}, answered by the base model"}
+                           if inp.made_from else {}),
+                        **held_out})
     if not examples:
         raise PipelineError(f"no examples left to cache: {counts['skipped_too_long']} skipped because the prompt "
                             f"fills max_length={cfg.max_length}, {counts['skipped_bad_lines']} bad lines skipped")
     return examples, records, dict(counts)
+
+
+def refuse_foreign(out: Path) -> list[str]:
+    """Refuse an --out that holds something other than a cache; returns the names in it (temporary files aside)."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise PipelineError(f"{out}: exists and is not a directory")
+    names = [p.name for p in out.iterdir() if TMP_MARK not in p.name]
+    foreign = [n for n in names if n not in (MANIFEST, GENERATED) and not is_shard_name(n)]
+    if foreign:
+        raise PipelineError(f"{out}: not empty and not a cache directory (found {foreign[0]}); choose another --out")
+    return names
 
 
 def check_out_dir(out: Path, settings: dict) -> dict | None:
@@ -197,12 +280,7 @@ def check_out_dir(out: Path, settings: dict) -> dict | None:
     """
     if not out.exists():
         return None
-    if not out.is_dir():
-        raise PipelineError(f"{out}: exists and is not a directory")
-    names = [p.name for p in out.iterdir() if TMP_MARK not in p.name]
-    foreign = [n for n in names if n != MANIFEST and not is_shard_name(n)]
-    if foreign:
-        raise PipelineError(f"{out}: not empty and not a cache directory (found {foreign[0]}); choose another --out")
+    names = refuse_foreign(out)
     manifest = None
     if MANIFEST in names:
         with contextlib.suppress(PipelineError):
@@ -212,7 +290,7 @@ def check_out_dir(out: Path, settings: dict) -> dict | None:
     existing = manifest
     if existing is None:
         for n in sorted(names):
-            meta = read_shard_meta(out / n) if n != MANIFEST else None
+            meta = read_shard_meta(out / n) if is_shard_name(n) else None
             if meta is not None and isinstance(meta.get("settings"), dict):
                 existing = meta["settings"]
                 break
@@ -245,8 +323,16 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
     # A GGUF model is converted and the weights are hashed once per machine; the other ranks find the result.
     source = open_model_source(cfg.model)
     _ = source.fingerprint
+    inputs = planned_inputs(cfg, out)
+    if any(i.made_from for i in inputs):
+        # The user's own files are checked before the model is loaded to answer the shipped prompts.
+        distributed.agree(lambda: refuse_foreign(out))
+        distributed.agree(lambda: read_inputs(cfg, [i for i in inputs if not i.made_from], source.tokenizer,
+                                              lambda *_: None) if any(not i.made_from for i in inputs) else None)
+        distributed.main_first(lambda: make_missing_rehearsal(cfg, inputs, log if distributed.is_main() else
+                                                              lambda *_: None))
     # Every rank reads and checks the inputs (cheap next to the teacher pass); a bad line stops all ranks alike.
-    examples, counts, settings, device = distributed.agree(lambda: check_inputs(cfg, source, out, log))
+    examples, counts, settings, device = distributed.agree(lambda: check_inputs(cfg, inputs, source, out, log))
     # Rank 0 clears leftovers of a killed run before any rank starts writing its own temporary shards.
     distributed.agree(lambda: create_dir(out, "cache directory") if distributed.is_main() else None)
     plans = plan_shards(examples, cfg.shard_size)
@@ -282,11 +368,11 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
         teacher_seconds=teacher_seconds)
 
 
-def check_inputs(cfg: CacheConfig, source: ModelSource, out: Path, log=print
+def check_inputs(cfg: CacheConfig, inputs: Sequence[Input], source: ModelSource, out: Path, log=print
                  ) -> tuple[list[Tokenized], dict, dict, torch.device]:
     """Read and tokenise every input, resolve where the teacher runs, and check --out against the settings; no
     model is loaded. Returns (examples, counters, the cache's settings, device)."""
-    examples, input_records, counts = read_inputs(cfg, source.tokenizer, log)
+    examples, input_records, counts = read_inputs(cfg, inputs, source.tokenizer, log)
     device, precision = resolve_runtime(cfg.device, cfg.precision, cfg.attn)
     settings = cache_settings(cfg, source, precision, input_records)
     check_out_dir(out, settings)
