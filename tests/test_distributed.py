@@ -8,14 +8,9 @@ make it die (a crash point) or fail (another argument) while rank 0 carries on.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -26,7 +21,7 @@ from pipeline.cache.write import build_cache
 from pipeline.config import CacheConfig, TrainConfig
 from pipeline.distributed import threads_per_rank
 from pipeline.train import train
-from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
+from tests.helpers import GENERAL_ROWS, TASK_ROWS, cache_rows, manifest_without_time, torchrun, write_jsonl
 
 pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")]
@@ -42,35 +37,6 @@ def flags(settings: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    """The environment of the torchrun jobs: this session's PIPELINE_HOME, no crash point."""
-    os.environ.setdefault("PIPELINE_TEST_HOME", str(tmp_path_factory.getbasetemp() / "pipeline-home"))
-    env = {**os.environ, "PIPELINE_HOME": os.environ["PIPELINE_TEST_HOME"]}
-    env.pop("PIPELINE_CRASH_AT", None)
-    return env
-
-
-def torchrun(args: list, env: dict[str, str], *, rank1: str = ":", timeout: float = 240
-             ) -> subprocess.CompletedProcess:
-    """`pipeline ARGS` as 2 processes under torchrun; `rank1` is shell code run by rank 1 alone before it starts.
-
-    A job that does not end within `timeout` (a rank left waiting) is killed with all its processes, and fails.
-    """
-    script = f'if [ "$RANK" = 1 ]; then {rank1}; fi; exec "$0" -m pipeline "$@"'
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-           "sh", "-c", script, sys.executable, *map(str, args)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun {args[0]} did not finish in {timeout} s (a rank left waiting?)\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("dist-data")
     task = TASK_ROWS + [{**r, "output": r["output"].replace("twice", "once")} for r in TASK_ROWS]
@@ -81,14 +47,14 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def cache_1(tmp_path_factory, tiny_model_dir, data, env) -> Path:
+def cache_1(tmp_path_factory, tiny_model_dir, data, torchrun_env) -> Path:
     """The cache of one process, computed with as many threads as each of the 2 ranks uses (same arithmetic)."""
     out = tmp_path_factory.mktemp("cache-1") / "cache"
     threads = torch.get_num_threads()
     torch.set_num_threads(threads_per_rank_of(2))
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("PIPELINE_HOME", env["PIPELINE_HOME"])
+            mp.setenv("PIPELINE_HOME", torchrun_env["PIPELINE_HOME"])
             build_cache(CacheConfig(model=str(tiny_model_dir), out=str(out), **{k: str(v) for k, v in data.items()},
                                     **CACHE_SETTINGS), log=lambda *_: None)
     finally:
@@ -102,31 +68,18 @@ def threads_per_rank_of(local_world: int) -> int:
         return threads_per_rank()
 
 
-def rows_by_id(cache: Path) -> dict[str, dict]:
-    manifest = json.loads((cache / MANIFEST).read_text())
-    rows = [r for s in manifest["shards"] for r in pq.read_table(cache / s["file"]).to_pylist()]
-    by_id = {r["example_id"]: r for r in rows}
-    assert len(by_id) == len(rows), "an example appears twice"
-    return by_id
-
-
-def manifest_without_time(cache: Path) -> dict:
-    manifest = json.loads((cache / MANIFEST).read_text())
-    manifest.pop("created")
-    return manifest
-
-
-def test_two_rank_cache_resumed_after_sigkill_equals_one_rank_cache(tmp_path, tiny_model_dir, data, cache_1, env):
+def test_two_rank_cache_resumed_after_sigkill_equals_one_rank_cache(tmp_path, tiny_model_dir, data, cache_1,
+                                                                   torchrun_env):
     """Rank 1 computes shards 1, 3, 5 and is SIGKILLed after writing the first (torchrun then stops rank 0, maybe
     mid-shard); rerun on 2 ranks, each keeps its finished shards and computes the rest; rank 0 writes one manifest."""
     out = tmp_path / "cache"
     inputs = [arg for key, path in data.items() for arg in (f"--{key.replace('_', '-')}", path)]
     args = ["cache-teacher", "--model", tiny_model_dir, *inputs, *flags(CACHE_SETTINGS), "--out", out]
-    crashed = torchrun(args, env, rank1="export PIPELINE_CRASH_AT=shard_written:1")
+    crashed = torchrun(args, torchrun_env, rank1="export PIPELINE_CRASH_AT=shard_written:1")
     assert crashed.returncode != 0 and "SIGKILL" in crashed.stderr, crashed.stderr[-3000:]
     assert (out / "shard-00001.parquet").is_file() and not (out / MANIFEST).exists()
 
-    job = torchrun(args, env)
+    job = torchrun(args, torchrun_env)
     assert job.returncode == 0, job.stderr[-3000:]
     assert job.stdout.count("cache: ") == 1  # rank 0 alone prints the summary, of both ranks' work
     computed, kept = map(int, re.search(r"examples +24 \((\d+) computed now, (\d+) kept", job.stdout).groups())
@@ -134,7 +87,7 @@ def test_two_rank_cache_resumed_after_sigkill_equals_one_rank_cache(tmp_path, ti
 
     # The same rows, example by example, and the same shard files byte for byte: each rank computes its shards with
     # the batches and the thread count of one process, so the README's "identical" holds to the last bit.
-    got, want = rows_by_id(out), rows_by_id(cache_1)
+    got, want = cache_rows(out), cache_rows(cache_1)
     assert sorted(got) == sorted(want)
     for ex_id, row in want.items():
         assert got[ex_id] == row, ex_id
@@ -151,17 +104,17 @@ def metric_lines(run: Path) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in lines]
 
 
-def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(tmp_path, tiny_model_dir, cache_1, env):
+def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(tmp_path, tiny_model_dir, cache_1, torchrun_env):
     """2 processes x batch 2 x accum 2 == 1 process x batch 8: the same examples per step (rehearsal 2 of 8), the
     same token-normalised loss, hence the same gradients, updates and logged values."""
     one = tmp_path / "one"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PIPELINE_HOME", env["PIPELINE_HOME"])
+        mp.setenv("PIPELINE_HOME", torchrun_env["PIPELINE_HOME"])
         train(TrainConfig(model=str(tiny_model_dir), cache=str(cache_1), out=str(one), batch_size=8,
                           **TRAIN_SETTINGS), log=lambda *_: None)
     two = tmp_path / "two"
     job = torchrun(["train", "--model", tiny_model_dir, "--cache", cache_1, "--out", two, "--batch-size", "2",
-                    "--grad-accum", "2", *flags(TRAIN_SETTINGS)], env)
+                    "--grad-accum", "2", *flags(TRAIN_SETTINGS)], torchrun_env)
     assert job.returncode == 0, job.stderr[-3000:]
     assert job.stdout.count('"adapter":') == 1  # rank 0 alone prints the summary
     run_yaml = yaml.safe_load((two / "run.yaml").read_text())
@@ -192,7 +145,7 @@ def test_two_ranks_make_the_update_of_one_rank_with_the_global_batch(tmp_path, t
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)  # lr 1e-3: 1% of a step
 
 
-def test_two_rank_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model_dir, cache_1, env):
+def test_two_rank_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model_dir, cache_1, torchrun_env):
     """Rank 1 is SIGKILLed after step 5 (torchrun then stops rank 0); `--resume` on 2 ranks continues from the
     checkpoint of step 4 and ends with the adapter of the uninterrupted run, bit for bit. With LoRA dropout on,
     that needs each rank's own random state back (saved per rank in the checkpoint)."""
@@ -200,18 +153,18 @@ def test_two_rank_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model
             "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "2", "--save-every", "2", "--lora-dropout", "0.1",
             "--precision", "fp32", "--resume"]
     ref = tmp_path / "ref"
-    job = torchrun([*args, "--out", ref], env)
+    job = torchrun([*args, "--out", ref], torchrun_env)
     assert job.returncode == 0, job.stderr[-3000:]
 
     out = tmp_path / "resumed"
-    crashed = torchrun([*args, "--out", out], env, rank1="export PIPELINE_CRASH_AT=train_step:5")
+    crashed = torchrun([*args, "--out", out], torchrun_env, rank1="export PIPELINE_CRASH_AT=train_step:5")
     assert crashed.returncode != 0
     assert "exitcode  : -9" in crashed.stderr  # rank 1 died by SIGKILL, and the job with it
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if ".tmp-" not in p.name) == \
         ["step-000002", "step-000004"]
     assert not (out / "adapter").exists()
 
-    resumed = torchrun([*args, "--out", out], env)
+    resumed = torchrun([*args, "--out", out], torchrun_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {out / 'checkpoints' / 'step-000004'} (step 4)" in resumed.stderr
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (ref, out))
@@ -221,11 +174,11 @@ def test_two_rank_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model
     assert metric_lines(out) == metric_lines(ref)
 
 
-def test_user_error_on_one_rank_stops_every_rank_with_one_message(tmp_path, tiny_model_dir, cache_1, env):
+def test_user_error_on_one_rank_stops_every_rank_with_one_message(tmp_path, tiny_model_dir, cache_1, torchrun_env):
     """Rank 1 alone is given a cache that does not exist: both ranks stop at once (none waits for the other),
     the error is printed once, naming the rank, and nothing is written."""
     out = tmp_path / "run"
-    job = torchrun(["train", "--model", tiny_model_dir, "--cache", cache_1, "--out", out], env,
+    job = torchrun(["train", "--model", tiny_model_dir, "--cache", cache_1, "--out", out], torchrun_env,
                    rank1='set -- "$@" --cache /no/such/cache', timeout=120)
     assert job.returncode != 0
     errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -90,7 +90,7 @@ def test_tiny_model_on_cuda(tiny_model_dir, corpus, tmp_path):
 @pytest.mark.slow
 def test_builtin_model_on_cuda(tmp_path):
     from pipeline.model_source import builtin_gguf
-    from tests.conftest import write_jsonl
+    from tests.helpers import write_jsonl
 
     try:
         builtin_gguf("smollm2-135m-instruct")

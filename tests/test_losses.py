@@ -2,8 +2,9 @@
 gradients, edge cases (no tokens, everything masked, fp16 teacher), the teacher-side top-k, the full-vocabulary
 KL and top-1 agreement that evaluate scores forgetting with, and the L2 penalty.
 
-The reference below is written the obvious way on purpose (full logits, full log-softmax, a Python loop over tokens
-and buckets, residual mass as a plain sum of probabilities, float64) and shares no helper with the module under test.
+The reference below (with reference_token_kl in tests/helpers.py) is written the obvious way on purpose (full
+logits, full log-softmax, a Python loop over tokens and buckets, residual mass as a plain sum of probabilities,
+float64) and shares no helper with the module under test.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from torch import Tensor
 from pipeline import losses
 from pipeline.losses import (
     KL_KINDS,
-    REVERSE_RESIDUAL_FLOOR,
     full_kl_and_agreement,
     l2_penalty,
     response_losses,
     topk_logprobs,
 )
+from tests.helpers import reference_token_kl
 
 N, V, H, K = 13, 64, 16, 5  # 13 tokens: not a multiple of the chunk sizes 3 and 7, so the last chunk is partial
 CHUNK_SIZES = (3, 7, 1024)  # 1024 >= N: the unchunked case
@@ -36,36 +37,6 @@ def _seed() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- dense reference
-
-
-def reference_token_kl(logq_row: Tensor, ids: list[int], lp: Tensor, kind: str) -> Tensor:
-    """KL of one token, bucket by bucket. logq_row: (V,) float64 full student log-probs; lp: (k,) teacher log-probs."""
-    outside = [v for v in range(logq_row.shape[0]) if v not in set(ids)]
-    lp = lp.double()
-    p = lp.exp()
-    log_q = logq_row[ids]
-    q = log_q.exp()
-    total = logq_row.new_zeros(())
-    if kind == "topk_renorm":
-        p_s, q_s = p / p.sum(), q / q.sum()
-        for j in range(len(ids)):
-            total = total + p_s[j] * (torch.log(p_s[j]) - torch.log(q_s[j]))
-        return total
-    p_r = max(1.0 - p.sum().item(), 0.0)
-    if kind == "forward":
-        for j in range(len(ids)):
-            total = total + p[j] * (lp[j] - log_q[j])
-        if outside and p_r > 0:
-            q_r = logq_row[outside].exp().sum()
-            total = total + p_r * (math.log(p_r) - torch.log(q_r))
-        return total
-    assert kind == "reverse"
-    for j in range(len(ids)):
-        total = total + q[j] * (log_q[j] - lp[j])
-    if outside:
-        q_r = logq_row[outside].exp().sum()
-        total = total + q_r * (torch.log(q_r) - math.log(max(p_r, REVERSE_RESIDUAL_FLOOR)))
-    return total
 
 
 def dense_reference(
@@ -136,29 +107,13 @@ def test_chunked_equals_unchunked_equals_dense(kind: str, temperature: float, ma
     prob = make_problem(temperature=temperature, bias=bias)
     kd_mask = torch.rand(N) < 0.6 if masked else None
     hidden = prob["hidden"].clone().requires_grad_(True)  # grad on: exercises the checkpointed path
-    ref_ce, ref_kl = dense_reference(
-        hidden.detach(),
-        prob["weight"],
-        prob["labels"],
-        **loss_kwargs(prob),
-        kd_mask=kd_mask,
-        temperature=temperature,
-        kl=kind,
-    )
+    kwargs = {**loss_kwargs(prob), "kd_mask": kd_mask, "temperature": temperature, "kl": kind}
+    ref_ce, ref_kl = dense_reference(hidden.detach(), prob["weight"], prob["labels"], **kwargs)
     assert ref_kl.item() > 0.05  # the comparison is about a real, non-trivial number
 
     results = {}
     for chunk_size in CHUNK_SIZES:
-        out = response_losses(
-            hidden,
-            prob["weight"],
-            prob["labels"],
-            **loss_kwargs(prob),
-            kd_mask=kd_mask,
-            temperature=temperature,
-            kl=kind,
-            chunk_size=chunk_size,
-        )
+        out = response_losses(hidden, prob["weight"], prob["labels"], **kwargs, chunk_size=chunk_size)
         assert out.ce.dtype == torch.float32 and out.kl.dtype == torch.float32
         assert out.n_tokens == N
         assert out.n_kd_tokens == (int(kd_mask.sum()) if masked else N)
@@ -172,16 +127,7 @@ def test_chunked_equals_unchunked_equals_dense(kind: str, temperature: float, ma
         torch.testing.assert_close(results[chunk_size].kl, unchunked.kl, rtol=1e-6, atol=1e-6)
 
     with torch.no_grad():  # the plain (not checkpointed) path gives the same numbers
-        plain = response_losses(
-            hidden,
-            prob["weight"],
-            prob["labels"],
-            **loss_kwargs(prob),
-            kd_mask=kd_mask,
-            temperature=temperature,
-            kl=kind,
-            chunk_size=3,
-        )
+        plain = response_losses(hidden, prob["weight"], prob["labels"], **kwargs, chunk_size=3)
     torch.testing.assert_close(plain.ce, results[3].ce, rtol=0, atol=0)
     torch.testing.assert_close(plain.kl, results[3].kl, rtol=0, atol=0)
 
@@ -189,25 +135,9 @@ def test_chunked_equals_unchunked_equals_dense(kind: str, temperature: float, ma
 @pytest.mark.parametrize("kind", KL_KINDS)
 def test_logit_softcap_matches_dense(kind: str) -> None:
     prob = make_problem(temperature=2.0, bias=True)
-    ref_ce, ref_kl = dense_reference(
-        prob["hidden"],
-        prob["weight"],
-        prob["labels"],
-        **loss_kwargs(prob),
-        temperature=2.0,
-        kl=kind,
-        logit_softcap=3.0,
-    )
-    out = response_losses(
-        prob["hidden"],
-        prob["weight"],
-        prob["labels"],
-        **loss_kwargs(prob),
-        temperature=2.0,
-        kl=kind,
-        chunk_size=4,
-        logit_softcap=3.0,
-    )
+    kwargs = {**loss_kwargs(prob), "temperature": 2.0, "kl": kind, "logit_softcap": 3.0}
+    ref_ce, ref_kl = dense_reference(prob["hidden"], prob["weight"], prob["labels"], **kwargs)
+    out = response_losses(prob["hidden"], prob["weight"], prob["labels"], **kwargs, chunk_size=4)
     torch.testing.assert_close(out.ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.kl.double(), ref_kl, rtol=1e-5, atol=1e-5)
     # The cap really changes the numbers (logits reach beyond 3 here), so the test above is not vacuous.
@@ -236,16 +166,8 @@ def test_full_vocabulary_topk_equals_exact_kl(kind: str) -> None:
     teacher_full = prob["teacher_full"]
     ids = teacher_full.argsort(dim=-1, descending=True)  # (N, V), a full permutation per token
     lp = teacher_full.gather(-1, ids)
-    out = response_losses(
-        prob["hidden"],
-        prob["weight"],
-        prob["labels"],
-        teacher_ids=ids,
-        teacher_logprobs=lp,
-        temperature=2.0,
-        kl=kind,
-        chunk_size=4,
-    )
+    out = response_losses(prob["hidden"], prob["weight"], prob["labels"], teacher_ids=ids, teacher_logprobs=lp,
+                          temperature=2.0, kl=kind, chunk_size=4)
     logq = torch.log_softmax(prob["hidden"].double() @ prob["weight"].double().T / 2.0, dim=-1)
     logp = teacher_full.double()
     if kind == "reverse":
@@ -401,16 +323,9 @@ def test_all_masked() -> None:
     hidden = prob["hidden"].clone().requires_grad_(True)
     for kind in KL_KINDS:
         hidden.grad = None
-        out = response_losses(
-            hidden,
-            prob["weight"],
-            prob["labels"],
-            teacher_ids=prob["teacher_ids"],
-            teacher_logprobs=teacher_logprobs,
-            kd_mask=torch.zeros(N, dtype=torch.bool),
-            kl=kind,
-            chunk_size=4,
-        )
+        out = response_losses(hidden, prob["weight"], prob["labels"], teacher_ids=prob["teacher_ids"],
+                              teacher_logprobs=teacher_logprobs, kd_mask=torch.zeros(N, dtype=torch.bool), kl=kind,
+                              chunk_size=4)
         assert out.kl.item() == 0.0 and out.n_kd_tokens == 0 and out.n_tokens == N
         ref_ce, _ = dense_reference(hidden.detach(), prob["weight"], prob["labels"])
         torch.testing.assert_close(out.ce.double(), ref_ce, rtol=1e-5, atol=1e-5)
@@ -425,27 +340,13 @@ def test_fp16_teacher_with_negative_residual(kind: str) -> None:
     teacher_logprobs = torch.tensor([[math.log(0.6), math.log(0.4 + 2e-3)]] * 4, dtype=torch.float16)
     assert 1.0 - teacher_logprobs.float().exp().sum(-1).max().item() < 0
     hidden = prob["hidden"].clone().requires_grad_(True)
-    out = response_losses(
-        hidden,
-        prob["weight"],
-        prob["labels"],
-        teacher_ids=prob["teacher_ids"],
-        teacher_logprobs=teacher_logprobs,
-        kl=kind,
-        chunk_size=3,
-    )
+    teacher = {"teacher_ids": prob["teacher_ids"], "teacher_logprobs": teacher_logprobs, "kl": kind}
+    out = response_losses(hidden, prob["weight"], prob["labels"], **teacher, chunk_size=3)
     assert torch.isfinite(out.kl) and out.kl.item() > 0
     out.kl.backward()
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
     # Same number as the reference, which clamps the residual at 0 (and floors it for reverse).
-    _, ref_kl = dense_reference(
-        hidden.detach(),
-        prob["weight"],
-        prob["labels"],
-        teacher_ids=prob["teacher_ids"],
-        teacher_logprobs=teacher_logprobs,
-        kl=kind,
-    )
+    _, ref_kl = dense_reference(hidden.detach(), prob["weight"], prob["labels"], **teacher)
     torch.testing.assert_close(out.kl.double(), ref_kl, rtol=1e-5, atol=1e-5)
 
 
@@ -607,15 +508,8 @@ def test_topk_logprobs_roundtrip_is_zero_kl() -> None:
     prob = make_problem()
     ids, lp = topk_logprobs(prob["hidden"], prob["weight"], K, temperature=2.0, chunk_size=4)
     for kind in KL_KINDS:
-        out = response_losses(
-            prob["hidden"],
-            prob["weight"],
-            prob["labels"],
-            teacher_ids=ids,
-            teacher_logprobs=lp,
-            temperature=2.0,
-            kl=kind,
-        )
+        out = response_losses(prob["hidden"], prob["weight"], prob["labels"], teacher_ids=ids, teacher_logprobs=lp,
+                              temperature=2.0, kl=kind)
         assert abs(out.kl.item()) < 1e-5
 
 
@@ -701,12 +595,21 @@ def test_full_kl_edge_cases() -> None:
 
 
 def test_l2_penalty() -> None:
+    """The sum of the squared entries of every tensor, in fp32, against a loop over the entries in float64 and a
+    value by hand; its gradient is 2 p."""
     params = [torch.randn(8, 4, requires_grad=True), torch.randn(4, 8).bfloat16(), torch.randn(3)]
     value = l2_penalty(params)
-    expected = sum(p.detach().float().pow(2).sum() for p in params)
-    assert value.dtype == torch.float32
-    torch.testing.assert_close(value, expected)
-    assert value.item() > 1.0
+    reference = 0.0
+    for p in params:
+        for x in p.detach().double().flatten().tolist():
+            reference += x * x
+    assert value.dtype == torch.float32 and value.shape == ()
+    assert value.item() == pytest.approx(reference, rel=1e-6)
+    assert reference > 1.0
+    assert l2_penalty(iter(params)).item() == value.item()  # train passes a generator
+    # By hand: 1 + 4 + 0.25 + 0 from the fp32 matrix, 9 from the bf16 entry (3 and 9 are exact in bf16).
+    by_hand = l2_penalty([torch.tensor([[1.0, -2.0], [0.5, 0.0]]), torch.tensor([3.0], dtype=torch.bfloat16)])
+    assert by_hand.item() == 14.25
     value.backward()
     torch.testing.assert_close(params[0].grad, 2 * params[0].detach())
     assert l2_penalty([]).item() == 0.0

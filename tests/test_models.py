@@ -1,32 +1,25 @@
-"""Tests for pipeline.models on the tiny model: the dtype of the unquantised weights, for teacher and student, and
-what the loaded model occupies."""
+"""pipeline/models.py on the tiny model: the dtype of the unquantised weights for teacher and student, LoRA on
+every linear layer, and the CPU dropout of the LoRA inputs (RandDropout)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from pipeline import models
-from pipeline.config import TrainConfig
-from pipeline.device import weights_dtype
 from pipeline.forward import forward_hidden
-from pipeline.memory import footprint
-from pipeline.models import attach_lora, load_model
+from pipeline.models import RandDropout, attach_lora, load_model
 from pipeline.train import setup
+from tests.helpers import (
+    QUIET,
+    fp32_cfg_for,
+)
 
 CPU = torch.device("cpu")
 
 
 def is_4bit(param: torch.Tensor) -> bool:
     return type(param).__name__ == "Params4bit"
-
-
-def test_weights_dtype_is_the_compute_dtype_on_cuda_and_fp32_on_cpu():
-    cuda = torch.device("cuda")  # (a device object only: no GPU needed)
-    assert weights_dtype("bf16", cuda) == torch.bfloat16 and weights_dtype("fp32", cuda) == torch.float32
-    assert weights_dtype("bf16", CPU) == weights_dtype("fp32", CPU) == torch.float32  # [fp32 weights on cpu note]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -51,40 +44,55 @@ def test_unquantised_weights_in_weights_dtype_for_teacher_and_student(tiny_model
         assert torch.equal(forward_hidden(teacher, ids, mask, precision), forward_hidden(student, ids, mask, precision))
 
 
-def test_footprint_matches_a_count_from_the_shapes(tiny_model_dir, corpus, tmp_path, monkeypatch):
-    """4-bit weights, other weights by dtype and LoRA + AdamW state, against a count from the layer shapes and the
-    NF4 double-quantisation layout (blocks of 64 weights, their absmax in blocks of 256)."""
-    from transformers import AutoConfig
+def test_lora_adapts_every_linear_layer_but_the_output_head(tiny_model_dir, cache_t2, tmp_path):
+    base = load_model(tiny_model_dir, torch.device("cpu"), "fp32")
+    linear = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert len(linear) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
 
-    from pipeline.cache.write import build_cache
-    from pipeline.config import CacheConfig
+    def adapted(run) -> dict[str, int]:
+        """Module name -> its LoRA rank, for every module that carries a LoRA adapter."""
+        return {n.removeprefix("base_model.model."): m.lora_A["default"].out_features
+                for n, m in run.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
-    monkeypatch.setattr(models, "weights_dtype", lambda *_: torch.bfloat16)  # as on CUDA: two dtypes to tell apart
-    model = attach_lora(load_model(tiny_model_dir, CPU, "bf16"), r=4, alpha=8, dropout=0.0,
-                        target_modules="all-linear", gradient_checkpointing=False)
-    fp = footprint(model)
+    run = setup(fp32_cfg_for(tiny_model_dir, cache_t2, tmp_path / "all", lora_r=4), **QUIET)
+    assert adapted(run) == dict.fromkeys(linear, 4)
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert trainable == {f"base_model.model.{n}.lora_{ab}.default.weight" for n in linear for ab in "AB"}
 
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    vocab, dim, layers = config.vocab_size, config.hidden_size, config.num_hidden_layers
-    inter = config.intermediate_size
-    kv = config.num_key_value_heads * dim // config.num_attention_heads
-    linears = [(dim, dim), (dim, kv), (dim, kv), (dim, dim), (dim, inter), (dim, inter), (inter, dim)] * layers
-    assert fp.four_bit == sum(i * o // 2 for i, o in linears)  # two 4-bit values per byte
-    absmax = [math.ceil(i * o / 64) for i, o in linears]  # one uint8 per block of 64 weights (double-quantised)
-    # + a 16-entry fp32 NF4 codebook; the absmax's own fp32 absmax per 256 blocks, 256-entry codebook, offset
-    assert fp.quant_constants == sum(n + 16 * 4 + math.ceil(n / 256) * 4 + 256 * 4 + 4 for n in absmax)
-    # Embeddings and head (untied) and 2 norms per layer + the final one, all bf16 (LoRA, trainable, is fp32).
-    assert fp.other == {"bfloat16": (2 * vocab * dim + (2 * layers + 1) * dim) * 2}
-    assert fp.trainable == sum(4 * (i + o) for i, o in linears) * 4  # LoRA A (4 x in) and B (out x 4), fp32
-    assert fp.optimizer_state == 2 * fp.trainable
-    assert fp.describe().startswith("model memory: 4-bit weights ")
+    run = setup(fp32_cfg_for(tiny_model_dir, cache_t2, tmp_path / "qv", lora_target_modules="q_proj,v_proj"), **QUIET)
+    assert set(adapted(run)) == {n for n in linear if n.endswith(("q_proj", "v_proj"))}
 
-    # Printed once at the start of cache-teacher and of train.
-    lines: list[str] = []
-    build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(corpus["task_train"]),
-                            rehearsal_train=str(corpus["rehearsal_train"]), top_k=4, max_length=128), log=lines.append)
-    assert sum(line.startswith("model memory: 4-bit weights") for line in lines) == 1
-    lines.clear()
-    setup(TrainConfig(model=str(tiny_model_dir), cache=str(tmp_path / "c"), out=str(tmp_path / "t"), max_steps=1),
-          log=lines.append)
-    assert sum(line.startswith("model memory: 4-bit weights") and "AdamW state" in line for line in lines) == 1
+
+def test_rand_dropout_matches_dropout_in_distribution():
+    from pipeline.models import RandDropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 500)
+    drop = RandDropout(0.05).train()
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.95) < 0.003
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    assert abs(y.mean().item() - 1.0) < 0.005  # inverted dropout keeps the expectation
+    assert torch.equal(drop.eval()(x), x)
+    odd = drop.train()(torch.ones(3, 5, 7, dtype=torch.bfloat16))  # 105 elements: not a multiple of 4 lanes
+    assert odd.shape == (3, 5, 7) and odd.dtype == torch.bfloat16
+
+
+def test_cpu_dropout_masks_are_independent_across_lanes_and_calls():
+    """RandDropout cuts four 16-bit lanes from each random int64: neighbouring lanes, the four lane positions and
+    successive calls must behave as independent draws (correlations ~ 1/sqrt(n) = 0.001 here)."""
+    torch.manual_seed(0)
+    drop = RandDropout(0.3).train()
+    x = torch.ones(1000, 1024)  # 1,024,000 elements = 256,000 int64 draws
+    kept = [(drop(x) != 0).double().flatten() for _ in range(2)]
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+    first = kept[0]
+    for lane in range(4):  # each lane of the int64 keeps 70% on its own
+        assert abs(first[lane::4].mean().item() - 0.7) < 0.005, lane
+    for shift in (1, 2, 3, 4, 1024):  # lanes of one int64, the next int64, the next row
+        assert abs(corr(first[:-shift], first[shift:])) < 0.01, shift
+    assert abs(corr(kept[0], kept[1])) < 0.01  # a new mask at every call

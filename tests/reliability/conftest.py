@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
-from tests.reliability.util import CACHE_ARGS, invoke, train_cmd
+from tests.helpers import GENERAL_ROWS, TASK_ROWS, invoke, write_jsonl
+from tests.reliability.util import CACHE_ARGS, train_cmd
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Issue 7, item 6: a catalogue of malformed inputs, flags and configs. Each stops cache-teacher with one line
+"""A catalogue of malformed inputs, flags and configs. Each stops cache-teacher with one line
 naming the file and line (exit 1) before any model is loaded, never a traceback; with --skip-bad-lines every
 bad line is skipped and counted instead. Odd but valid inputs (a byte-order mark, CRLF, a 10 MB line, a prompt
 longer than max_length) go through, quickly, and what was skipped is reported.
@@ -15,7 +15,7 @@ import pytest
 from pipeline import inputs as data
 from pipeline.inputs import Example, tokenize_example
 from pipeline.model_source import load_tokenizer
-from tests.reliability.util import assert_one_line_error, invoke
+from tests.helpers import assert_one_line_error, invoke
 
 GOOD = {"id": "dup", "instruction": "Say hi.", "output": "Hi there."}
 

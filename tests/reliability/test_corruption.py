@@ -1,4 +1,4 @@
-"""Issue 7, items 4 and 5: a damaged cache, or one made with other settings, is refused by `pipeline train`
+"""A damaged cache, or one made with other settings, is refused by `pipeline train`
 with one line naming the file (or the field and both values), before anything is written; the way out the
 message gives then works.
 """
@@ -16,8 +16,9 @@ import pytest
 
 from pipeline.cache.schema import MANIFEST
 from pipeline.model_source import load_tokenizer, model_fingerprint, tokenizer_fingerprint
-from tests.conftest import build_tiny_model_dir
-from tests.reliability.util import assert_one_line_error, assert_same_cache, invoke
+from pipeline.tiny import build_tiny_model_dir
+from tests.helpers import assert_one_line_error, invoke
+from tests.reliability.util import assert_same_cache
 
 # A fault damages a copy of the reference cache and returns (the file the error must name, what else the error
 # says, how to repair: "rerun" the same cache-teacher command, or "remove" the named file).

@@ -1,4 +1,4 @@
-"""Issue 7, item 1: SIGKILL cache-teacher at many moments, rerun the same command, get the uninterrupted cache.
+"""SIGKILL cache-teacher at many moments, rerun the same command, get the uninterrupted cache.
 
 Each scenario is a list of crash points (pipeline/faults.py), one real process per point, each dying by
 SIGKILL at its point; the same command then runs to the end. The scenarios run concurrently in
@@ -14,7 +14,8 @@ import pytest
 
 from pipeline.cache.schema import MANIFEST
 from pipeline.fileio import TMP_MARK
-from tests.reliability.util import assert_one_line_error, assert_same_cache, invoke, run_until_killed, tmp_files
+from tests.helpers import assert_one_line_error, invoke
+from tests.reliability.util import assert_same_cache, run_until_killed, tmp_files
 
 # name: (crash points of the consecutive killed runs, complete shards left after the kills, a temp file left?)
 SCENARIOS: dict[str, tuple[list[str], int, bool]] = {

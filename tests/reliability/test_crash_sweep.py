@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-from tests.reliability.util import crash_env, invoke, run_until_killed, tmp_files
+from tests.helpers import invoke
+from tests.reliability.util import crash_env, run_until_killed, tmp_files
 
 RUNS = ["kd_lambda=0", "kd_lambda=1"]
 

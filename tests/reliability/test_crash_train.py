@@ -1,4 +1,4 @@
-"""Issue 7, item 2: SIGKILL train mid-run and while it writes a checkpoint or the adapter; `--resume` gives the
+"""SIGKILL train mid-run and while it writes a checkpoint or the adapter; `--resume` gives the
 adapter of an uninterrupted run, bit for bit, and never loads a half-written checkpoint.
 
 8 steps, a checkpoint every 3 (steps 3 and 6; none at the last step, which writes the adapter instead).
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.fileio import TMP_MARK
-from tests.reliability.util import assert_one_line_error, assert_same_run, invoke, run_until_killed, train_cmd
+from tests.helpers import assert_one_line_error, invoke
+from tests.reliability.util import assert_same_run, run_until_killed, train_cmd
 
 # name: (crash points of the consecutive killed runs, complete checkpoints they leave, the one --resume loads,
 #        whether a half-written checkpoint is left)

@@ -1,4 +1,4 @@
-"""Issue 7, item 7: an unwritable or full disk stops cache-teacher and train with one line naming the file,
+"""An unwritable or full disk stops cache-teacher and train with one line naming the file,
 leaves no temporary file, keeps what was finished, and the same command completes once there is room.
 
 The tests run as root, for whom a chmod-ed directory is writable, so unwritable places are made otherwise: a
@@ -22,14 +22,8 @@ import torch
 
 from pipeline.cache.schema import MANIFEST
 from pipeline.fileio import TMP_MARK
-from tests.reliability.util import (
-    assert_one_line_error,
-    assert_same_cache,
-    assert_same_run,
-    invoke,
-    tmp_files,
-    train_cmd,
-)
+from tests.helpers import assert_one_line_error, invoke, mounted_tmpfs
+from tests.reliability.util import assert_same_cache, assert_same_run, tmp_files, train_cmd
 
 ENOSPC = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")  # pyarrow's
 EROFS = OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -122,19 +116,8 @@ def test_cache_disk_full_while_writing_the_manifest(cache_cmd, reference_cache, 
 @pytest.fixture
 def small_tmpfs(tmp_path) -> Iterator[Path]:
     """A real 16 KiB file system (4 pages): room for about two shards. Needs root and CAP_SYS_ADMIN."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True,
-                           text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "16k") as mnt:
         yield mnt
-    finally:
-        um = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
-        if um.returncode != 0:  # busy: a file left open on it (a leak); detach it anyway, then fail
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-        assert um.returncode == 0, um.stderr
 
 
 def test_cache_on_a_really_full_disk_then_room_again(small_tmpfs, cache_cmd, reference_cache):

@@ -1,4 +1,4 @@
-"""`train` on a really full disk (issue 15): the run directory on a small tmpfs that fills up just before one of
+"""`train` on a really full disk: the run directory on a small tmpfs that fills up just before one of
 the run's writes - a checkpoint, the adapter, metrics.jsonl, run.yaml. Each stops with one line naming the file,
 keeps everything written before, and `--resume` once room is made ends with the adapter of an uninterrupted run.
 
@@ -13,7 +13,6 @@ import errno
 import gc
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,25 +21,15 @@ import yaml
 
 import pipeline.metrics
 import pipeline.train
-from tests.reliability.util import assert_one_line_error, assert_same_run, invoke, tmp_files, train_cmd
+from tests.helpers import assert_one_line_error, invoke, mounted_tmpfs
+from tests.reliability.util import assert_same_run, tmp_files, train_cmd
 
 
 @pytest.fixture
 def tmpfs(tmp_path) -> Iterator[Path]:
     """A real 4 MiB file system: room for the run (two checkpoints of ~200 KB, the adapter) and the filler."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True,
-                           text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "4m") as mnt:
         yield mnt
-    finally:
-        um = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
-        if um.returncode != 0:  # busy: a file left open on it (a leak); detach it anyway, then fail
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-        assert um.returncode == 0, um.stderr
 
 
 def fill(mnt: Path) -> Path:

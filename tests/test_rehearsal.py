@@ -1,9 +1,12 @@
-"""Issue 17, item 5: make-rehearsal and generate --out write their rows in the prompts' order; make-rehearsal still
-resumes after a kill, to the same bytes as an uninterrupted run ([rehearsal order note] in generate.py)."""
+"""`pipeline make-rehearsal` (pipeline/rehearsal.py): its output is valid training input, in the prompts' order,
+and a killed run resumes to the same bytes as an uninterrupted one ([rehearsal order note] in generate.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 import pytest
@@ -14,25 +17,51 @@ from pipeline.cli import main
 from pipeline.config import RehearsalConfig
 from pipeline.inputs import read_jsonl
 from pipeline.rehearsal import make_rehearsal, partial_path
-from tests.conftest import write_jsonl
-
-# Lengths chosen so that the length-sorted batches (2 prompts each) visit them as p3 p1 | p4 p0 | p2 p5.
-PROMPTS = [{"id": "p0", "instruction": "Write a short poem about the sea, please."},
-           {"id": "p1", "instruction": "Say hi."},
-           {"id": "p2", "instruction": "What is the capital of France? Answer in one short sentence, please."},
-           {"id": "p3", "instruction": "Hi."},
-           {"id": "p4", "instruction": "Count to three."},
-           {"id": "p5", "messages": [{"role": "system", "content": "Be brief and answer in Japanese."},
-                                     {"role": "user", "content": "医療文書を日本語で要約してください。"}]}]
-ARGS = ["--max-new-tokens", "6", "--batch-size", "2", "--seed", "3"]
+from tests.helpers import (
+    GENERATE_ARGS,
+    PROMPTS,
+    QUIET,
+    ids_in,
+    write_jsonl,
+)
 
 
-def ids_in(path) -> list[str]:
-    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
+def test_make_rehearsal_output_is_valid_input_and_resumes(tiny_model_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": f"p{i}", "instruction": q} for i, q in enumerate(["What is the capital of France?", "Write a poem.",
+                                                                  "def add(a, b):", "医療文書を要約してください。",
+                                                                  "Say hi.", "Count to three."])] + [
+        {"id": "m1", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]}])
+    full = tmp_path / "full.jsonl"
+    summary = make_rehearsal(RehearsalConfig(model=str(tiny_model_dir), prompts=str(prompts), out=str(full),
+                                             max_new_tokens=12, batch_size=2), **QUIET)
+    assert summary.answered_now + summary.empty == 7
+    examples, _ = read_jsonl(full, role="rehearsal")  # valid training input
+    assert {e.id for e in examples} <= {f"p{i}" for i in range(6)} | {"m1"}
+    by_id = {json.loads(line)["id"]: json.loads(line) for line in full.read_text().splitlines()}
+    if "m1" in by_id:
+        assert by_id["m1"]["messages"][-1]["role"] == "assistant"
+
+    # Killed after the first batch, then rerun: same answers as the uninterrupted run, none twice.
+    out = tmp_path / "resumed.jsonl"
+    cmd = [sys.executable, "-m", "pipeline", "make-rehearsal", "--model", str(tiny_model_dir), "--prompts",
+           str(prompts), "--out", str(out), "--max-new-tokens", "12", "--batch-size", "2"]
+    died = subprocess.run(cmd, env={**os.environ, "PIPELINE_CRASH_AT": "rehearsal_batch_written:1"},
+                          capture_output=True, text=True)
+    assert died.returncode == -9
+    with open(out.with_name(out.name + ".partial"), "a") as f:  # answered batches go there until the end
+        f.write('{"id": "p9", "instruc')  # a torn line, as a crash mid-write would leave
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    resumed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({r["id"] for r in resumed}) == len(resumed)
+    assert {r["id"]: r for r in resumed} == by_id
+    assert out.read_bytes() == full.read_bytes()  # in the prompts' order, as the uninterrupted run wrote it
 
 
 class Killed(BaseException):
-    """Stands in for a SIGKILL (tests/test_evaluate.py kills a real process): what was fsynced stays, nothing more."""
+    """Stands in for a SIGKILL (test_make_rehearsal_output_is_valid_input_and_resumes kills a real process): what was
+    fsynced stays, nothing more."""
 
 
 def test_make_rehearsal_writes_prompt_order_and_resumes_to_the_same_bytes(tiny_model_dir, tmp_path, monkeypatch):
@@ -93,19 +122,10 @@ def test_make_rehearsal_from_parquet_with_columns(tiny_model_dir, tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(path))
     out = tmp_path / "r.jsonl"
     result = CliRunner().invoke(main, ["make-rehearsal", "--model", str(tiny_model_dir), "--prompts", str(path),
-                                       "--columns", "instruction=question,id=qid", "--out", str(out), *ARGS])
+                                       "--columns", "instruction=question,id=qid", "--out", str(out), *GENERATE_ARGS])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in lines] == [r["qid"] for r in rows if r["qid"] in {x["id"] for x in lines}]
     for r in lines:
         assert set(r) - {"truncated"} == {"id", "instruction", "topic", "output"}
     read_jsonl(out, role="rehearsal")
-
-
-def test_generate_out_in_prompt_order(tiny_model_dir, tmp_path):
-    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    out = tmp_path / "answers.jsonl"
-    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_model_dir), "--prompt", "First, from the flag.",
-                                       "--prompts", str(prompts), "--out", str(out), *ARGS])
-    assert result.exit_code == 0, result.output
-    assert ids_in(out) == ["prompt-1", *(p["id"] for p in PROMPTS)]

@@ -1,4 +1,6 @@
-"""Issue 17, item 1: inputs in JSON, Parquet, CSV and save_to_disk form read as their JSONL twin; --columns; bad files.
+"""pipeline/inputs.py: the user's input files. Every format (JSON, Parquet, CSV, a save_to_disk directory) reads as
+its JSONL twin; --columns maps other column names; a bad line or an unreadable file is one line naming it, or
+skipped and counted with --skip-bad-lines; the chat template leaves a cut answer without an end of turn.
 
 Every format is written here from the same rows, with the `datasets` library a user would use, so "the same
 rows" is what a user gets when converting a JSONL file.
@@ -11,17 +13,27 @@ from pathlib import Path
 
 import datasets
 import pytest
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.config import CacheConfig, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.inputs import input_sha256, read_examples, read_jsonl
-from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
-from tests.reliability.util import assert_one_line_error, invoke
+from pipeline.model_source import load_tokenizer
+from tests.helpers import (
+    GENERAL_ROWS,
+    TASK_ROWS,
+    assert_one_line_error,
+    invoke,
+    write_jsonl,
+)
 
 FORMATS = ("json", "parquet", "csv", "saved")
+
 # All three line forms, explicit and derived ids, Japanese text. (A table column holds one type: the ids are strings.)
 ROWS = [{**r, "id": f"t{i}"} for i, r in enumerate(TASK_ROWS[:2])] + [{**GENERAL_ROWS[2], "id": "m7"},
                                                                        GENERAL_ROWS[0], GENERAL_ROWS[3]]
+
 FLAT_ROWS = [r for r in ROWS if "messages" not in r]  # CSV has no lists: no `messages` form
 
 
@@ -125,6 +137,34 @@ def test_unreadable_file_is_one_line_error_naming_it(case, tiny_model_dir, tmp_p
     assert_one_line_error(result, f"error: {path}: {needle}")
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"instruction": "hi", "output": "ok"}\nnot json\n', r"t\.jsonl:2: not valid JSON"),
+    ('{"instruction": "hi"}\n', r"t\.jsonl:1: missing 'output'"),
+    ('[1, 2]\n', r"t\.jsonl:1: expected a JSON object"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}\n', r"t\.jsonl:1: messages\[0\]\.role must be one of"),
+])
+def test_bad_lines_give_one_line_errors(tiny_model_dir, tmp_path, content, message):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text(content)
+    result = CliRunner().invoke(main, ["cache-teacher", "--model", str(tiny_model_dir), "--task-train", str(bad),
+                                       "--out", str(tmp_path / "c")])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("error: ")
+    import re
+
+    assert re.search(message, result.output), result.output
+
+
+def test_skip_bad_lines_counts(tiny_model_dir, tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "ok"}\nnot json\n{"instruction": "x", "output": ""}\n')
+    result = CliRunner().invoke(main, ["cache-teacher", "--model", str(tiny_model_dir), "--task-train", str(bad),
+                                       "--out", str(tmp_path / "c"), "--skip-bad-lines", "--top-k", "4"])
+    assert result.exit_code == 0, result.output
+    assert "2 bad lines" in result.output
+
+
 def test_columns_map_other_names_in_every_format(tmp_path):
     """`question`/`answer` (and a `qid` as the id): renamed onto the documented fields, the other columns kept."""
     theirs = [{"qid": f"q{i}", "question": r.get("instruction"), "context": r.get("input"), "answer": r["output"],
@@ -203,3 +243,21 @@ def test_cache_rerun_with_changed_saved_dataset_refused(tiny_model_dir, tmp_path
     shutil.rmtree(path)
     shutil.move(tmp_path / "d2", path)
     assert_one_line_error(invoke(args), "holds a cache made with other settings (inputs[0].sha256: cache has")
+
+
+def test_cut_answers_learn_no_end_of_turn(tiny_model_dir, tmp_path):
+    from pipeline.inputs import read_jsonl, tokenize_example
+
+    data = write_jsonl(tmp_path / "r.jsonl", [
+        {"id": "a", "instruction": "Write a poem.", "output": "The sea is wide"},
+        {"id": "b", "instruction": "Write a poem.", "output": "The sea is wide", "truncated": True},
+    ])
+    tokenizer = load_tokenizer(tiny_model_dir)
+    (whole, cut), _ = read_jsonl(data)
+    a, b = tokenize_example(tokenizer, whole, 256), tokenize_example(tokenizer, cut, 256)
+    assert tokenizer.decode(a.input_ids).endswith("The sea is wide<|im_end|>\n")
+    assert tokenizer.decode(b.input_ids).endswith("The sea is wide")  # no end-of-turn to learn
+    assert a.input_ids[:len(b.input_ids)] == b.input_ids and sum(b.loss_mask) == sum(a.loss_mask) - 2
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "y", "truncated": "yes"}])
+    with pytest.raises(PipelineError, match="'truncated' must be true or false"):
+        read_jsonl(bad)

@@ -1,4 +1,5 @@
-"""Issue 17, item 4: `pipeline inspect CACHE [--example ID] [--json]` on a tiny cache, checked against its shards."""
+"""`pipeline inspect CACHE [--example ID] [--json]` (pipeline/cache/inspection.py) on a tiny cache, checked against
+its shards."""
 
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ from pipeline.cache.schema import MANIFEST
 from pipeline.cache.write import build_cache
 from pipeline.config import CacheConfig
 from pipeline.model_source import load_tokenizer
-from tests.conftest import GENERAL_ROWS, TASK_ROWS, write_jsonl
-from tests.reliability.util import assert_one_line_error, invoke
+from tests.helpers import (
+    GENERAL_ROWS,
+    TASK_ROWS,
+    assert_one_line_error,
+    invoke,
+    write_jsonl,
+)
 
 EXAMPLE = "gen.jsonl:3"  # the Japanese `messages` example: byte-level tokens that are parts of characters
 
