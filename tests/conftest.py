@@ -37,13 +37,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path_factory, monkeypatch):
-    """Fixed seeds, and a private PIPELINE_HOME so tests never touch the user's cache."""
+    """Fixed seeds, a private PIPELINE_HOME so tests never touch the user's cache, and no $PIPELINE_MODEL."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
     if "PIPELINE_TEST_HOME" not in os.environ:
         os.environ["PIPELINE_TEST_HOME"] = str(tmp_path_factory.getbasetemp() / "pipeline-home")
     monkeypatch.setenv("PIPELINE_HOME", os.environ["PIPELINE_TEST_HOME"])
+    monkeypatch.delenv("PIPELINE_MODEL", raising=False)  # the built-in default, whatever the shell sets
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def cache_t2(tmp_path_factory, tiny_model_dir) -> Path:
     out = d / "cache"
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(out), task_train=str(write_jsonl(d / "t.jsonl", task)),
                             rehearsal_train=str(write_jsonl(d / "g.jsonl", general)), top_k=8, max_length=256,
-                            temperature=2.0, precision="fp32"), **QUIET)
+                            temperature=2.0, precision="fp32", eval_fraction=0), **QUIET)
     return out
 
 
@@ -103,7 +104,7 @@ def epochs_cache(tmp_path_factory, tiny_model_dir) -> Path:
     task = write_jsonl(d / "task.jsonl", TASK_ROWS)
     general = write_jsonl(d / "general.jsonl", GENERAL_ROWS)
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(d / "cache"), task_train=str(task),
-                            rehearsal_train=str(general), top_k=8, max_length=256), **QUIET)
+                            rehearsal_train=str(general), top_k=8, max_length=256, eval_fraction=0), **QUIET)
     return d / "cache"
 
 

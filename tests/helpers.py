@@ -36,6 +36,9 @@ from pipeline.cli import main
 from pipeline.config import CacheConfig, TrainConfig
 from pipeline.losses import REVERSE_RESIDUAL_FLOOR
 
+# cache-teacher flags that keep a cache to the files given (no rehearsal data made from the shipped prompts, no task
+# rows held out); a flag given after them wins.
+TASK_ONLY = ["--rehearsal-train", "none", "--eval-fraction", "0"]
 QUIET = {"log": lambda *_: None}  # the `log` argument of build_cache, setup, train, ...: print nothing
 
 # ------------------------------------------------------------------------------------------------------ input rows
@@ -145,10 +148,19 @@ SHORT_TRAIN_FLAGS = ["--max-steps", "3", "--batch-size", "4", "--lr", "1e-3", "-
                      "2", "--log-every", "1", "--precision", "fp32"]
 
 
+def only_given(corpus: dict) -> list[str]:
+    """The flags that keep a cache to the inputs given: no rehearsal data made from the shipped prompts, no task rows
+    held out (tests of those two say so themselves)."""
+    extra = [] if "task_eval" in corpus else ["--eval-fraction", "0"]
+    if not {"rehearsal_train", "rehearsal_eval"} & corpus.keys():
+        extra += ["--rehearsal-train", "none"]
+    return extra
+
+
 def cache_args(model_dir: Path, corpus: dict[str, Path], out: Path) -> list[str]:
     inputs = [a for key, path in corpus.items() for a in (f"--{key.replace('_', '-')}", str(path))]
-    return ["cache-teacher", "--model", str(model_dir), *inputs, "--top-k", "8", "--max-length", "256",
-            "--batch-size", "3", "--precision", "fp32", "--out", str(out)]
+    return ["cache-teacher", "--model", str(model_dir), *inputs, *only_given(corpus), "--top-k", "8", "--max-length",
+            "256", "--batch-size", "3", "--precision", "fp32", "--out", str(out)]
 
 
 def run_cli(args: list[str]) -> None:
@@ -159,7 +171,8 @@ def run_cli(args: list[str]) -> None:
 def small_cache_cmd(model: Path, data: dict[str, Path], out: Path, *extra: str) -> list[str]:
     """`pipeline cache-teacher` of `data` with SMALL_CACHE_FLAGS (top-4, shards of 4 examples)."""
     inputs = [a for key, path in data.items() for a in (f"--{key.replace('_', '-')}", str(path))]
-    return ["cache-teacher", "--model", str(model), *inputs, *SMALL_CACHE_FLAGS, "--out", str(out), *extra]
+    return ["cache-teacher", "--model", str(model), *inputs, *only_given(data), *SMALL_CACHE_FLAGS, "--out", str(out),
+            *extra]
 
 
 def short_train_cmd(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:

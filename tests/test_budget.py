@@ -95,7 +95,7 @@ def test_budget_without_rehearsal_is_refused_and_sweeps(tiny_model_dir, tmp_path
     assert len(e.value.problems) == 1
     task = write_jsonl(tmp_path / "t.jsonl", TASK_ROWS)
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(task), top_k=4,
-                            max_length=256), **QUIET)
+                            max_length=256, eval_fraction=0, rehearsal_train="none"), **QUIET)
     with pytest.raises(PipelineError, match="--max-forgetting is measured on rehearsal examples, and there are no"):
         setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o", max_forgetting=0.01), **QUIET)
 

@@ -118,7 +118,7 @@ def test_token_ids_hold_the_models_whole_output_vocabulary(tmp_path):
     tokenizer.save_pretrained(model_dir)
     data = write_jsonl(tmp_path / "t.jsonl", TASK_ROWS[:2])
     build_cache(CacheConfig(model=str(model_dir), out=str(tmp_path / "c"), task_train=str(data), top_k=8,
-                            max_length=256, precision="fp32"), **QUIET)
+                            max_length=256, precision="fp32", eval_fraction=0, rehearsal_train="none"), **QUIET)
     assert json.loads((tmp_path / "c" / MANIFEST).read_text())["storage"]["token_ids"] == "int32"
 
     plain = load_model(model_dir, torch.device("cpu"), "fp32")

@@ -235,7 +235,8 @@ def test_truncation_counted_and_prompt_too_long_skipped(tiny_model_dir, tmp_path
         {"instruction": "a very long prompt " * 60, "output": "cut"},
     ])
     summary = build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(data),
-                                      max_length=48, top_k=4, precision="fp32"), log=lambda *_: None)
+                                      max_length=48, top_k=4, precision="fp32", eval_fraction=0,
+                                      rehearsal_train="none"), log=lambda *_: None)
     assert (summary.examples, summary.truncated, summary.skipped_too_long) == (2, 1, 1)
     rows = cache_rows(tmp_path / "c")
     assert all(len(r["input_ids"]) <= 48 for r in rows.values())
@@ -263,7 +264,8 @@ def test_cache_teacher_batches_examples_of_similar_length(tiny_model_dir, tmp_pa
 
     monkeypatch.setattr(pipeline.cache.write, "collate", collate)
     summary = build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(data),
-                                      top_k=4, max_length=256, batch_size=2, shard_size=5), **QUIET)
+                                      top_k=4, max_length=256, batch_size=2, shard_size=5, eval_fraction=0,
+                                      rehearsal_train="none"), **QUIET)
     manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
     tokenizer = load_tokenizer(tiny_model_dir)
     assert [s["rows"] for s in manifest["shards"]] == [5, 4]
@@ -342,7 +344,7 @@ def test_none_opts_out_and_eval_fraction_zero_keeps_every_row(tiny_model_dir, fe
     task = write_jsonl(tmp_path / "task.jsonl", TASK_ROWS)
     out = tmp_path / "cache"
     result = cache_teacher("--model", str(tiny_model_dir), "--task-train", str(task), "--rehearsal-train", "none",
-                           "--rehearsal-eval", "none", "--eval-fraction", "0", "--out", str(out))
+                           "--eval-fraction", "0", "--out", str(out))  # none for one part: nothing is made
     assert result.exit_code == 0, result.output
     cache = open_cache(out)
     assert (cache.count("task", "train"), cache.count("task", "eval"), cache.count("rehearsal", "train")) == (6, 0, 0)

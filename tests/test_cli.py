@@ -21,7 +21,7 @@ HELP = {
     "cache-teacher": (CacheConfig, {"--top-k": "[default: 32]", "--logprob-dtype": "[default: float16]",
                                     "--skip-bad-lines": "[default: off]"}, ["--out", "--task-train", "--task-eval"]),
     "train": (TrainConfig, {"--kd-lambda": "[default: 1.0]", "--kd-on": "[default: rehearsal]",
-                            "--rehearsal-ratio": "[default: 0.3]", "--lr": "[default: 0.0002]",
+                            "--rehearsal-ratio": "[default: 0.3]", "--lr": "[default: 0.001]",
                             "--gradient-checkpointing": "[default: on]"},
               ["--out", "--cache", "--max-forgetting", "--max-steps", "--epochs"]),
 }

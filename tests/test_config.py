@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import (
-    DEFAULT_MAX_STEPS,
+    BUILTIN_MODEL,
     SECTIONS,
     CacheConfig,
     TrainConfig,
@@ -18,6 +18,7 @@ from pipeline.config import (
     read_config_file,
 )
 from pipeline.errors import ConfigError
+from tests.helpers import TASK_ONLY
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -45,7 +46,7 @@ def test_precedence_defaults_file_flags(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("# test\nseed: 7\ntrain:\n  kd_lambda: 1.0\n  lora_r: 4\n")
     cfg = load_config(TrainConfig, str(f), {"cache": "c", "out": "o", "lora_r": 16})
-    assert (cfg.seed, cfg.kd_lambda, cfg.lora_r, cfg.lr) == (7, 1.0, 16, 2e-4)
+    assert (cfg.seed, cfg.kd_lambda, cfg.lora_r, cfg.lr) == (7, 1.0, 16, 1e-3)
 
 
 def test_all_problems_reported_together(tmp_path):
@@ -69,7 +70,7 @@ def test_unparsable_config_is_one_line(tmp_path, content):
 
 
 def test_missing_file_and_config_problems_reported_together(tiny_model_dir, tmp_path):
-    result = CliRunner().invoke(main, ["cache-teacher", "--model", str(tiny_model_dir),
+    result = CliRunner().invoke(main, ["cache-teacher", *TASK_ONLY, "--model", str(tiny_model_dir),
                                        "--task-train", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 1 and "nope.jsonl: file not found" in result.output
 
@@ -87,7 +88,7 @@ def test_missing_file_and_config_problems_reported_together(tiny_model_dir, tmp_
 
 
 def test_epochs_or_max_steps_exactly_one(tmp_path):
-    assert load_config(TrainConfig, None, {"cache": "c", "out": "o"}).max_steps == DEFAULT_MAX_STEPS
+    assert load_config(TrainConfig, None, {"cache": "c", "out": "o"}).max_steps is None  # the default length
     cfg = load_config(TrainConfig, None, {"cache": "c", "out": "o", "epochs": "1.5"})
     assert (cfg.epochs, cfg.max_steps) == (1.5, None)
     with pytest.raises(ConfigError) as e:  # both, listed with the other problems
@@ -141,3 +142,14 @@ def test_lora_dropout_must_be_below_1_listed_with_the_other_problems():
     assert result.stderr.splitlines() == ["error: max_steps: must be > 0, got 0",
                                           "error: lora_dropout: must be < 1 (1 drops every input of the adapter), "
                                           "got 1.5"]
+
+
+def test_pipeline_model_sets_the_default_model_only(tmp_path, monkeypatch):
+    """$PIPELINE_MODEL replaces the built-in default; a config file or a flag still wins over it."""
+    assert load_config(TrainConfig, None, {"cache": "c", "out": "o"}).model == BUILTIN_MODEL
+    monkeypatch.setenv("PIPELINE_MODEL", "/models/tiny")
+    assert load_config(TrainConfig, None, {"cache": "c", "out": "o"}).model == "/models/tiny"
+    assert load_config(TrainConfig, None, {"cache": "c", "out": "o", "model": "/models/flag"}).model == "/models/flag"
+    config = tmp_path / "c.yaml"
+    config.write_text("model: /models/file\n")
+    assert load_config(TrainConfig, str(config), {"cache": "c", "out": "o"}).model == "/models/file"

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.device import weights_dtype
+from tests.helpers import TASK_ONLY
 
 CPU = torch.device("cpu")
 
@@ -20,7 +21,7 @@ def test_weights_dtype_is_the_compute_dtype_on_cuda_and_fp32_on_cpu():
 
 def test_flash_attention_without_the_package_is_one_line(tiny_model_dir, corpus, tmp_path):
     # flash-attn is not installed where the tests run; where it is, CPU is refused instead (also in one line).
-    result = CliRunner().invoke(main, ["cache-teacher", "--model", str(tiny_model_dir), "--task-train",
+    result = CliRunner().invoke(main, ["cache-teacher", *TASK_ONLY, "--model", str(tiny_model_dir), "--task-train",
                                        str(corpus["task_train"]), "--out", str(tmp_path / "c"), "--attn",
                                        "flash_attention_2", "--device", "cpu"])
     assert result.exit_code == 1

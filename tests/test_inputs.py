@@ -22,6 +22,7 @@ from pipeline.inputs import input_sha256, read_examples, read_jsonl
 from pipeline.model_source import load_tokenizer
 from tests.helpers import (
     GENERAL_ROWS,
+    TASK_ONLY,
     TASK_ROWS,
     assert_one_line_error,
     invoke,
@@ -96,11 +97,13 @@ BAD_ROW = {"instruction": "Second row: a blank answer.", "output": "   "}
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_bad_row_is_one_line_error_naming_file_and_row(fmt, tiny_model_dir, tmp_path):
     path = write_as(fmt, tmp_path / "t", [FLAT_ROWS[0], BAD_ROW, FLAT_ROWS[1]])
-    result = invoke(["cache-teacher", "--model", tiny_model_dir, "--task-train", path, "--out", tmp_path / "c"])
+    result = invoke(["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, "--out",
+                     tmp_path / "c"])
     assert_one_line_error(result, f"error: {path}:row 2: empty 'output' (use --skip-bad-lines to skip such lines)")
     assert not (tmp_path / "c").exists()
 
-    result = invoke(["cache-teacher", "--model", tiny_model_dir, "--task-train", path, "--out", tmp_path / "c",
+    result = invoke(["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, "--out",
+                     tmp_path / "c",
                      "--top-k", "2", "--skip-bad-lines"])
     assert result.exit_code == 0, result.output
     assert f"skipped bad line {path}:row 2: empty 'output'" in result.output
@@ -133,7 +136,8 @@ def test_unreadable_file_is_one_line_error_naming_it(case, tiny_model_dir, tmp_p
         datasets.DatasetDict({"train": ds, "eval": ds}).save_to_disk(str(path))
     else:
         path.write_bytes(content)
-    result = invoke(["cache-teacher", "--model", tiny_model_dir, "--task-train", path, "--out", tmp_path / "c"])
+    result = invoke(["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, "--out",
+                     tmp_path / "c"])
     assert_one_line_error(result, f"error: {path}: {needle}")
 
 
@@ -146,7 +150,8 @@ def test_unreadable_file_is_one_line_error_naming_it(case, tiny_model_dir, tmp_p
 def test_bad_lines_give_one_line_errors(tiny_model_dir, tmp_path, content, message):
     bad = tmp_path / "t.jsonl"
     bad.write_text(content)
-    result = CliRunner().invoke(main, ["cache-teacher", "--model", str(tiny_model_dir), "--task-train", str(bad),
+    result = CliRunner().invoke(main, ["cache-teacher", *TASK_ONLY, "--model", str(tiny_model_dir), "--task-train",
+                                       str(bad),
                                        "--out", str(tmp_path / "c")])
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1, result.output
@@ -159,7 +164,8 @@ def test_bad_lines_give_one_line_errors(tiny_model_dir, tmp_path, content, messa
 def test_skip_bad_lines_counts(tiny_model_dir, tmp_path):
     bad = tmp_path / "t.jsonl"
     bad.write_text('{"instruction": "hi", "output": "ok"}\nnot json\n{"instruction": "x", "output": ""}\n')
-    result = CliRunner().invoke(main, ["cache-teacher", "--model", str(tiny_model_dir), "--task-train", str(bad),
+    result = CliRunner().invoke(main, ["cache-teacher", *TASK_ONLY, "--model", str(tiny_model_dir), "--task-train",
+                                       str(bad),
                                        "--out", str(tmp_path / "c"), "--skip-bad-lines", "--top-k", "4"])
     assert result.exit_code == 0, result.output
     assert "2 bad lines" in result.output
@@ -183,7 +189,8 @@ def test_columns_map_other_names_in_every_format(tmp_path):
 def test_columns_from_flag_and_config_file(tiny_model_dir, tmp_path):
     path = write_as("parquet", tmp_path / "qa", [{"prompt": r.get("instruction", "x"), "completion": r["output"]}
                                                  for r in FLAT_ROWS])
-    result = invoke(["cache-teacher", "--model", tiny_model_dir, "--task-train", path, "--out", tmp_path / "c",
+    result = invoke(["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, "--out",
+                     tmp_path / "c",
                      "--top-k", "2", "--columns", "input=prompt,output=completion"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "c/manifest.json").read_text())
@@ -208,7 +215,8 @@ def test_columns_from_flag_and_config_file(tiny_model_dir, tmp_path):
 def test_columns_naming_an_absent_column_is_one_line_error(fmt, tiny_model_dir, tmp_path):
     rows = [{"question": r.get("instruction", "x"), "answer": r["output"]} for r in FLAT_ROWS]
     path = write_jsonl(tmp_path / "t.jsonl", rows) if fmt == "jsonl" else write_as(fmt, tmp_path / "t", rows)
-    result = invoke(["cache-teacher", "--model", tiny_model_dir, "--task-train", path, "--out", tmp_path / "c",
+    result = invoke(["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, "--out",
+                     tmp_path / "c",
                      "--columns", "instruction=question,output=response"])
     unit = "line" if fmt == "jsonl" else "row"
     assert_one_line_error(result, f"error: {path}: --columns output=response: no column 'response' (the first {unit} "
@@ -234,7 +242,8 @@ def test_saved_dataset_fingerprint_covers_its_data_only(tmp_path):
 
 def test_cache_rerun_with_changed_saved_dataset_refused(tiny_model_dir, tmp_path):
     path = write_as("saved", tmp_path / "d", FLAT_ROWS)
-    args = ["cache-teacher", "--model", tiny_model_dir, "--task-train", path, "--out", tmp_path / "c", "--top-k", "2"]
+    args = ["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, "--out", tmp_path / "c",
+            "--top-k", "2"]
     assert invoke(args).exit_code == 0
     datasets.Dataset.from_list([{**FLAT_ROWS[0], "output": "changed"}, *FLAT_ROWS[1:]]).save_to_disk(
         str(tmp_path / "d2"))

@@ -46,7 +46,8 @@ def test_footprint_matches_a_count_from_the_shapes(tiny_model_dir, corpus, tmp_p
     # Printed once at the start of cache-teacher and of train.
     lines: list[str] = []
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(corpus["task_train"]),
-                            rehearsal_train=str(corpus["rehearsal_train"]), top_k=4, max_length=128), log=lines.append)
+                            rehearsal_train=str(corpus["rehearsal_train"]), top_k=4, max_length=128, eval_fraction=0),
+                log=lines.append)
     assert sum(line.startswith("model memory: 4-bit weights") for line in lines) == 1
     lines.clear()
     setup(TrainConfig(model=str(tiny_model_dir), cache=str(tmp_path / "c"), out=str(tmp_path / "t"), max_steps=1),

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.model_source import hub_cache_dir, resolve_model
+from tests.helpers import TASK_ONLY
 
 
 def fake_hub_cache(root: Path, repo_id: str, model_dir: Path, revision: str = "0123abcd" * 5) -> Path:
@@ -62,7 +63,7 @@ def test_the_cli_takes_a_hub_id(tiny_model_dir, tmp_path, monkeypatch, corpus):
 
     fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", tiny_model_dir)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    result = CliRunner().invoke(main, ["cache-teacher", "--model", "tiny-org/tiny-llama", "--task-train",
+    result = CliRunner().invoke(main, ["cache-teacher", *TASK_ONLY, "--model", "tiny-org/tiny-llama", "--task-train",
                                        str(corpus["task_train"]), "--out", str(tmp_path / "cache"), "--top-k", "4"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cache" / "manifest.json").is_file()

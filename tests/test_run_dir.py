@@ -71,5 +71,5 @@ def test_resume_may_switch_tensorboard_on(tmp_path):
                                                              "report_to": "tensorboard"}),
                           None, doing="--resume", fix="")  # how a run reports is not what it trains
     with pytest.raises(PipelineError, match="--resume with other settings: lr"):
-        refuse_other_settings(tmp_path, recorded, TrainConfig(**{**started.__dict__, "resume": True, "lr": 1e-3}),
+        refuse_other_settings(tmp_path, recorded, TrainConfig(**{**started.__dict__, "resume": True, "lr": 5e-4}),
                               None, doing="--resume", fix="")

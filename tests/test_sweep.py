@@ -12,6 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline.cache.read import open_cache
 from pipeline.cache.write import build_cache
 from pipeline.cli import main
 from pipeline.config import (
@@ -89,7 +90,8 @@ def test_a_run_the_cache_cannot_serve_is_refused_up_front(tiny_model_dir, tiny_m
 def tiny_model_dir_cache_without_rehearsal(tiny_model_dir, corpus, tmp_path):
     out = tmp_path / "task-only-cache"
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(out), top_k=4, max_length=128,
-                            task_train=str(corpus["task_train"]), task_eval=str(corpus["task_eval"])), **QUIET)
+                            task_train=str(corpus["task_train"]), task_eval=str(corpus["task_eval"]),
+                            rehearsal_train="none"), **QUIET)
     return out
 
 
@@ -145,8 +147,10 @@ def test_sweep_reuses_cache_resumes_and_reports(tiny_model_dir, eval_cache, tmp_
 
     with pytest.raises(PipelineError) as refused:
         sweep(cfg, {**fixed, "lr": 1e-3}, eval_cfg, command="test", **QUIET)
-    assert str(refused.value) == (f"{tmp_path / 's' / 'kd_lambda=0'}: trained with other settings: lr was 0.003, now "
-                                  "0.001; use another sweep --out or delete that run")
+    # Every kept run is checked before any work, and each refusal names its run.
+    assert str(refused.value).startswith(f"run kd_lambda=0: {tmp_path / 's' / 'kd_lambda=0'}: trained with other "
+                                         "settings: lr was 0.003, now 0.001; use another sweep --out or delete that "
+                                         "run")
 
     # ... but settings that only change what a run reports (curves, logging, checkpoints) keep every run, and so
     # does the same cache under another path (a symlink here: moved, or relative against absolute).
@@ -201,11 +205,13 @@ def test_sweep_grid_over_epochs(epochs_cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline.sweep, "evaluate", lambda cfg, **_: {})
     monkeypatch.setattr(pipeline.sweep, "train", fake_train)
-    cfg = SweepConfig(cache=str(epochs_cache), out=str(tmp_path / "sw"), grid=["epochs=1,2"])
+    model = open_cache(epochs_cache).manifest["teacher"]["model"]
+    cfg = SweepConfig(model=model, cache=str(epochs_cache), out=str(tmp_path / "sw"), grid=["epochs=1,2"])
     with pytest.raises(KeyboardInterrupt):  # a fixed max_steps (a config file's) gives way to the run's epochs
         pipeline.sweep.sweep(cfg, {"max_steps": 40, "batch_size": 4}, EvalConfig(cache=str(epochs_cache)),
                              command="test", **QUIET)
     assert (seen[0].epochs, seen[0].max_steps, seen[0].batch_size) == (1.0, None, 4)
+    assert seen[0].eval_every == 0  # the cache holds no held-out rows: no curves to score, and no refusal for it
 
     # On the command line: --epochs over the config file's train.max_steps.
     got = {}

@@ -25,7 +25,8 @@ def test_online_teacher_targets_equal_the_cache(tiny_model_dir, tmp_path):
     task = write_jsonl(tmp_path / "t.jsonl", TASK_ROWS)
     general = write_jsonl(tmp_path / "g.jsonl", GENERAL_ROWS)
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(task),
-                            rehearsal_train=str(general), top_k=8, max_length=256, precision="fp32"), **QUIET)
+                            rehearsal_train=str(general), top_k=8, max_length=256, precision="fp32", eval_fraction=0),
+                **QUIET)
     run = setup(TrainConfig(model=str(tiny_model_dir), out=str(tmp_path / "o"), online_teacher=True, top_k=8,
                             max_length=256, task_train=str(task), rehearsal_train=str(general), precision="fp32",
                             max_steps=3, batch_size=4, warmup_steps=1, kd_on="all"), **QUIET)

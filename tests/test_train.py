@@ -26,11 +26,19 @@ from pipeline.batches import collate_rows
 from pipeline.cache.read import open_cache
 from pipeline.cache.schema import MANIFEST
 from pipeline.cache.write import build_cache
-from pipeline.config import CacheConfig, TrainConfig
-from pipeline.errors import PipelineError
+from pipeline.config import DEFAULT_TASK_ROWS, CacheConfig, TrainConfig, load_config
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.mixing import draw_step, rehearsal_total
 from pipeline.models import base_of
-from pipeline.train import forward_backward, micro_batches, optimizer_step, setup, steps_for_epochs, train
+from pipeline.train import (
+    forward_backward,
+    micro_batches,
+    optimizer_step,
+    run_length,
+    setup,
+    steps_for_epochs,
+    train,
+)
 from tests.helpers import (
     GENERAL_ROWS,
     QUIET,
@@ -330,7 +338,8 @@ def test_step0_kl_across_attention_implementations(tiny_model_dir, tmp_path):
     task = write_jsonl(tmp_path / "t.jsonl", TASK_ROWS * 2)
     general = write_jsonl(tmp_path / "g.jsonl", GENERAL_ROWS * 2)
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(task),
-                            rehearsal_train=str(general), top_k=8, max_length=256, precision="bf16", attn="eager"),
+                            rehearsal_train=str(general), top_k=8, max_length=256, precision="bf16", attn="eager",
+                            eval_fraction=0),
                 **QUIET)
     assert json.loads((tmp_path / "c" / MANIFEST).read_text())["attn"] == "eager"
     for attn in ("sdpa", "eager"):
@@ -396,7 +405,7 @@ def test_rehearsal_that_cannot_happen_is_refused(tiny_model_dir, tiny_cache, tmp
 def test_ratio_without_rehearsal_rows_is_an_error(tiny_model_dir, tmp_path):
     task = write_jsonl(tmp_path / "t.jsonl", TASK_ROWS)
     build_cache(CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "c"), task_train=str(task), top_k=4,
-                            max_length=256), **QUIET)
+                            max_length=256, eval_fraction=0, rehearsal_train="none"), **QUIET)
     with pytest.raises(PipelineError, match=r"no rehearsal training rows; .* pass --rehearsal-ratio 0 --kd-lambda 0 "
                                             r"\(plain QLoRA\)$"):  # the defaults put the KL on rehearsal examples
         setup(cfg_for(tiny_model_dir, tmp_path / "c", tmp_path / "o"), **QUIET)
@@ -427,6 +436,21 @@ def test_steps_for_epochs_rounds_only_real_fractions():
     assert steps(1.5, 7, 1, 0.3) == 15
     assert steps(1, 22, 1, 0.3) == 32  # 31.43 steps: the last one completes the pass
     assert steps(0.01, 6, 8, 0.3) == 1
+
+
+def test_the_default_length_draws_the_same_task_rows_at_any_rehearsal_ratio():
+    """Neither --max-steps nor --epochs: enough steps to draw DEFAULT_TASK_ROWS (480) task rows, computed here by
+    hand; the rehearsal share adds steps instead of taking task rows away."""
+    def length(ratio, batch=8, rows=1200):
+        return run_length(TrainConfig(out="o", cache="c", batch_size=batch, rehearsal_ratio=ratio), rows)
+
+    assert DEFAULT_TASK_ROWS == 480
+    assert length(0).max_steps == 60 and length(0).epochs == 0.4  # plain QLoRA: 480 / 8
+    assert length(0.3).max_steps == 86  # 480 / 5.6 = 85.7: the study's 86 steps
+    assert length(0.5, batch=4).max_steps == 240 and length(0.3, rows=100).epochs == 4.816
+    assert length(0.3).max_steps * 8 * 0.7 >= 480 > (length(0.3).max_steps - 1) * 8 * 0.7
+    with pytest.raises(ConfigError, match="default length draws 480 task rows, and rehearsal_ratio 1 draws none"):
+        load_config(TrainConfig, None, {"cache": "c", "out": "o", "rehearsal_ratio": "1"})
 
 
 def test_epochs_give_the_steps_of_that_many_passes(tiny_model_dir, epochs_cache, tmp_path):

@@ -159,10 +159,11 @@ class Input:
 
 
 def planned_inputs(cfg: CacheConfig, out: Path) -> list[Input]:
-    """The inputs of a cache: the files given and, when no rehearsal file is given at all, a generated one for each
-    rehearsal part (`none` opts out of a part)."""
+    """The inputs of a cache: the files given and, when task training rows come without any rehearsal file, a
+    generated one for each rehearsal part (`none` opts out of a part). A cache of held-out rows alone (no
+    --task-train, e.g. to score a model) gets nothing generated."""
     inputs = [Input(p, "task", split) for p, split in ((cfg.task_train, "train"), (cfg.task_eval, "eval")) if p]
-    make = not (given(cfg.rehearsal_train) or given(cfg.rehearsal_eval))
+    make = cfg.task_train is not None and cfg.rehearsal_train is None and cfg.rehearsal_eval is None
     for split, value in (("train", cfg.rehearsal_train), ("eval", cfg.rehearsal_eval)):
         if value is None and make:
             inputs.append(Input(str(out / GENERATED / f"rehearsal_{split}.jsonl"), "rehearsal", split,
@@ -325,7 +326,9 @@ def build_cache(cfg: CacheConfig, log=print) -> CacheSummary:
     _ = source.fingerprint
     inputs = planned_inputs(cfg, out)
     if any(i.made_from for i in inputs):
-        # The user's own files are checked before the model is loaded to answer the shipped prompts.
+        # The user's own files and the runtime settings are checked before the model is loaded to answer the shipped
+        # prompts.
+        distributed.agree(lambda: resolve_runtime(cfg.device, cfg.precision, cfg.attn))
         distributed.agree(lambda: refuse_foreign(out))
         distributed.agree(lambda: read_inputs(cfg, [i for i in inputs if not i.made_from], source.tokenizer,
                                               lambda *_: None) if any(not i.made_from for i in inputs) else None)

@@ -15,7 +15,7 @@ import pytest
 from pipeline import inputs as data
 from pipeline.inputs import Example, tokenize_example
 from pipeline.model_source import load_tokenizer
-from tests.helpers import assert_one_line_error, invoke
+from tests.helpers import TASK_ONLY, assert_one_line_error, invoke
 
 GOOD = {"id": "dup", "instruction": "Say hi.", "output": "Hi there."}
 
@@ -75,7 +75,8 @@ def write_lines(path: Path, *lines: str | bytes) -> Path:
 def test_bad_line_is_one_line_error_with_file_and_line(case, tiny_model_dir, tmp_path):
     bad, reason = BAD_LINES[case]
     path = write_lines(tmp_path / "t.jsonl", json.dumps(GOOD), bad, json.dumps({**GOOD, "id": "last"}))
-    result = invoke(["cache-teacher", "--model", tiny_model_dir, "--task-train", path, "--out", tmp_path / "c"])
+    result = invoke(["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, "--out",
+                     tmp_path / "c"])
     assert_one_line_error(result, f"error: {path}:2: {reason}", "(use --skip-bad-lines to skip such lines)")
     assert not (tmp_path / "c").exists()  # stopped before anything was written
 
@@ -84,7 +85,8 @@ def test_skip_bad_lines_skips_and_counts_every_one(tiny_model_dir, tmp_path):
     bad_lines = [bad for bad, _ in BAD_LINES.values()]
     path = write_lines(tmp_path / "t.jsonl", json.dumps(GOOD), *bad_lines, json.dumps({**GOOD, "id": "last"}))
     out = tmp_path / "c"
-    result = invoke(["cache-teacher", "--model", tiny_model_dir, "--task-train", path, "--out", out, "--top-k", "2",
+    result = invoke(["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, "--out", out,
+                     "--top-k", "2",
                      "--skip-bad-lines"])
     assert result.exit_code == 0, result.output
     n = len(bad_lines)
@@ -126,7 +128,7 @@ def test_bad_file_is_one_line_error(case, needle, tiny_model_dir, tmp_path):
     else:
         write_lines(path, json.dumps({"instruction": "word " * 100, "output": "x"}))
         extra = ["--max-length", "32"]
-    result = invoke(["cache-teacher", "--model", tiny_model_dir, "--task-train", path, *extra,
+    result = invoke(["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, *extra,
                      "--out", tmp_path / "c"])
     assert_one_line_error(result, needle)
 
@@ -149,7 +151,8 @@ def test_odd_but_valid_input_goes_through_quickly(tiny_model_dir, tmp_path):
     path.write_bytes("\r\n".join(lines).encode("utf-8"))
     assert path.stat().st_size > 20e6
     start = time.perf_counter()
-    result = invoke(["cache-teacher", "--model", tiny_model_dir, "--task-train", path, "--out", tmp_path / "c",
+    result = invoke(["cache-teacher", *TASK_ONLY, "--model", tiny_model_dir, "--task-train", path, "--out",
+                     tmp_path / "c",
                      "--max-length", "128", "--top-k", "2"])
     seconds = time.perf_counter() - start
     assert result.exit_code == 0, result.output
@@ -182,7 +185,7 @@ def test_cutting_long_text_before_tokenising_changes_no_ids(tiny_model_dir, monk
     ("cache-teacher", ["--top-k", "abc", "--max-length", "4", "--temperature", "-1", "--precision", "fp64",
                        "--batch-size", "0", "--shard-size", "1.5"],
      ["--top-k: expected int, got 'abc'", "max_length: must be >= 8, got 4", "temperature: must be > 0, got -1.0",
-      "precision: 'fp64' is not one of auto, bf16, fp32", "batch_size: must be > 0, got 0",
+      "precision: 'fp64' is not one of auto, bf16, fp16, fp32", "batch_size: must be > 0, got 0",
       "--shard-size: expected int, got '1.5'", "out: required (--out)", "no input: give at least one of"]),
     ("train", ["--max-steps", "ten", "--lr", "-1", "--kl", "sideways", "--rehearsal-ratio", "2", "--resume",
                "--overwrite"],
