@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -27,7 +28,14 @@ from pipeline.errors import ConfigError
 from pipeline.scoring import spec_problem
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
-DEFAULT_MAX_STEPS = 200  # train's length when neither --max-steps nor --epochs is given
+# The default --model when neither a flag nor a config file names one: this variable if set, else BUILTIN_MODEL (the
+# README's quickstart runs verbatim in the tests on a tiny model this way).
+MODEL_ENV = "PIPELINE_MODEL"
+# [default length note] train's length when neither --max-steps nor --epochs is given: as many steps as it takes to
+# draw this many task rows (so a rehearsal share never shortens the task's exposure). In the forgetting study (both
+# demo tasks, 1200 training rows each, lr 1e-3, batch 8) the held-out task CE had levelled off by 400-480 task rows
+# (docs/study/*-curves.png) and forgetting kept growing with length; 480 is the exposure every compared run had.
+DEFAULT_TASK_ROWS = 480
 # Settings that are alternatives to each other: one given at a higher level of precedence (a flag over the config
 # file, a sweep run's own setting over the sweep's fixed part) replaces the other given below it.
 ALTERNATIVES = {"max_steps": "epochs", "epochs": "max_steps"}
@@ -99,7 +107,7 @@ class CommonConfig:
 
     model: str = opt(BUILTIN_MODEL, "Base model: a local Hugging Face model directory, a Hugging Face id ORG/NAME "
                      "already in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded), a .gguf "
-                     f"file, or the name of a built-in model ({BUILTIN_MODEL}).")
+                     f"file, or the name of a built-in model ({BUILTIN_MODEL}). Default: ${MODEL_ENV} when set.")
     seed: int = opt(0, "Random seed (data order, LoRA init, dropout, sampling).")
     precision: str = opt("auto", "Compute precision of the 4-bit matmuls and autocast: bf16 where the CPU/GPU supports "
                          "it (auto), or force bf16/fp32; fp16 for GPUs without bf16 (T4, V100). Log-probs and "
@@ -121,12 +129,14 @@ class CacheConfig(CommonConfig):
     task_train: str | None = opt(None, "The new task, training part (JSONL, JSON, Parquet, CSV or a save_to_disk "
                                  "directory, as every data option).")
     task_eval: str | None = opt(None, "The new task, held-out part.")
-    rehearsal_train: str | None = opt(None, "General instruction data to rehearse, training part. When neither "
-                                      "rehearsal option is given, the base model answers the general prompts that ship "
-                                      "with pipeline (as make-rehearsal does) into CACHE/generated/, a train and a "
-                                      "held-out part; none: no rehearsal training data.")
+    rehearsal_train: str | None = opt(None, "General instruction data to rehearse, training part. When --task-train "
+                                      "comes without either rehearsal option, the base model answers the general "
+                                      "prompts that ship with pipeline (as make-rehearsal does) into "
+                                      "CACHE/generated/, a train and a held-out part; none: no rehearsal training "
+                                      "data.")
     rehearsal_eval: str | None = opt(None, "General instruction data, held-out part (measures forgetting); made from "
-                                     "the shipped prompts as above when neither rehearsal option is given; none: "
+                                     "the shipped prompts as above when --task-train comes without either rehearsal "
+                                     "option; none: "
                                      "forgetting is not measured.")
     eval_fraction: float = opt(0.1, "Without --task-eval: hold out this share of the --task-train rows to score the "
                                f"task (at most {MAX_HELD_OUT} rows, at least 1; chosen by example id and --seed). 0: "
@@ -186,15 +196,17 @@ class TrainConfig(CommonConfig):
     lora_alpha: float = opt(16, "LoRA alpha (scale = alpha / r).", positive=True)
     lora_dropout: float = opt(0.05, "LoRA dropout (below 1).", min=0)
     lora_target_modules: str = opt("all-linear", "Comma-separated module names to adapt, or all-linear.")
-    max_steps: int | None = opt(None, f"Optimiser steps ({DEFAULT_MAX_STEPS} unless --epochs is given).",
-                                positive=True)
+    max_steps: int | None = opt(None, "Optimiser steps. Neither this nor --epochs: enough steps to draw "
+                                f"{DEFAULT_TASK_ROWS} task rows (e.g. 86 at batch 8 and 30% rehearsal), the "
+                                "exposure at which the study's task CE had levelled off.", positive=True)
     epochs: float | None = opt(None, "Instead of --max-steps: passes over the task training rows at the rehearsal "
                                "ratio, e.g. 1.5 (steps = ceil(epochs * task rows / task rows per step)).",
                                positive=True)
     batch_size: int = opt(8, "Examples per micro-batch.", positive=True)
     grad_accum: int = opt(1, "Micro-batches per optimiser step (the loss is normalised by the step's tokens).",
                           positive=True)
-    lr: float = opt(2e-4, "Peak learning rate (AdamW, cosine schedule).", positive=True)
+    lr: float = opt(1e-3, "Peak learning rate (AdamW, cosine schedule; 1e-3 is what every measured run of the study "
+                    "used, on a 135M model: larger models usually want less, see the README).", positive=True)
     warmup_steps: int = opt(10, "Linear warm-up steps before the cosine decay.", min=0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", min=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables; the setup diverges without it).", min=0)
@@ -224,10 +236,6 @@ class TrainConfig(CommonConfig):
     resume: bool = opt(False, "Continue from the last complete checkpoint in --out.", group="run")
     overwrite: bool = opt(False, "Delete a non-empty --out and start afresh.", group="run")
 
-    def __post_init__(self) -> None:
-        if self.max_steps is None and self.epochs is None:
-            self.max_steps = DEFAULT_MAX_STEPS
-
     def check(self) -> list[str]:
         problems = column_problems(self.columns)
         if self.resume and self.overwrite:
@@ -244,9 +252,10 @@ class TrainConfig(CommonConfig):
             problems.append(f"lora_dropout: must be < 1 (1 drops every input of the adapter), got {self.lora_dropout}")
         if self.epochs is not None and self.max_steps is not None:
             problems.append("--epochs and --max-steps exclude each other: give one")
-        if self.epochs is not None and self.rehearsal_ratio == 1:
-            problems.append("--epochs counts passes over the task rows, and rehearsal_ratio 1 draws none: give "
-                            "--max-steps")
+        if self.max_steps is None and self.rehearsal_ratio == 1:
+            problems.append(("--epochs counts passes over the task rows" if self.epochs is not None else
+                             f"the default length draws {DEFAULT_TASK_ROWS} task rows")
+                            + ", and rehearsal_ratio 1 draws none: give --max-steps")
         if self.online_teacher:
             if self.cache:
                 problems.append("--online-teacher trains without a cache: drop --cache (or --online-teacher)")
@@ -537,6 +546,8 @@ def load_config(cls: type[CommonConfig], config_file: str | None, flags: dict[st
              if k in names and v is not None and not (isinstance(v, tuple | list) and not v)}
     values = overlay(values, given)
     where_of.update({k: f"--{k.replace('_', '-')}" for k in given})
+    if "model" in names and "model" not in values and os.environ.get(MODEL_ENV):
+        values["model"], where_of["model"] = os.environ[MODEL_ENV], f"${MODEL_ENV}"
     kwargs = {}
     for k, v in values.items():
         if k not in names:

@@ -42,7 +42,7 @@ from pipeline.recommend import Recommendation, recommend
 from pipeline.report import plot_curves, plot_tradeoff, write_report
 from pipeline.run_dir import read_run_yaml, refuse_other_settings
 from pipeline.scoring import NONE, load_scorer
-from pipeline.train import check_inputs, steps_for_epochs, train
+from pipeline.train import check_inputs, run_length, train
 
 # Train settings that a sweep sets itself, per run.
 PER_RUN = ("cache", "out", *settings_in(TrainConfig, "run"))
@@ -205,8 +205,9 @@ def check_runs(runs: list[PlannedRun], fixed_train: dict, shared: dict, cache: C
         except ConfigError as e:
             problems += e.problems
             continue
-        if "eval_every" not in {**fixed_train, **run.overrides}:  # training curves, unless the user chose
-            steps = train_cfg.max_steps or steps_for_epochs(train_cfg, cache.count("task", "train"))
+        held_out = cache.count("task", "eval") + cache.count("rehearsal", "eval")
+        if "eval_every" not in {**fixed_train, **run.overrides} and held_out:  # curves, unless the user chose
+            steps = run_length(train_cfg, cache.count("task", "train")).max_steps
             train_cfg = dataclasses.replace(train_cfg, eval_every=max(1, steps // 8))
         try:
             check_inputs(train_cfg, cache, source, log=lambda *_: None)

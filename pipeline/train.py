@@ -32,7 +32,7 @@ from pipeline.budget import dual_ascent, next_kd_lambda
 from pipeline.cache.read import Cache, MemoryRows, describe, open_cache
 from pipeline.cache.schema import CachedRow
 from pipeline.checkpoint import CHECKPOINTS, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.config import NONE, CacheConfig, TrainConfig, to_dict
+from pipeline.config import DEFAULT_TASK_ROWS, NONE, CacheConfig, TrainConfig, to_dict
 from pipeline.device import resolve_runtime
 from pipeline.errors import PipelineError
 from pipeline.evaluate import eval_rows, score_rows
@@ -285,10 +285,14 @@ def task_rows_per_step(cfg: TrainConfig) -> float:
 
 
 def run_length(cfg: TrainConfig, task_rows: int) -> RunLength:
-    """The steps the run makes and the epochs they are, from whichever of --max-steps and --epochs was given."""
+    """The steps the run makes and the epochs they are, from whichever of --max-steps and --epochs was given (neither:
+    the steps that draw DEFAULT_TASK_ROWS task rows)."""
     per_step = task_rows_per_step(cfg)
     steps, epochs = cfg.max_steps, cfg.epochs
-    if steps is None:
+    if steps is None and epochs is None:  # [default length note] in config.py
+        steps = max(1, math.ceil(round(DEFAULT_TASK_ROWS / per_step, 9)))
+        epochs = round(steps * per_step / task_rows, 4) if task_rows else None
+    elif steps is None:
         steps = steps_for_epochs(cfg, task_rows)
     elif task_rows:
         epochs = round(steps * per_step / task_rows, 4)
