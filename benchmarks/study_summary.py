@@ -52,6 +52,9 @@ def summarise(task_dir: Path) -> list[str]:
     out += [f"| run | {score_label(scored_by)} | task CE | forgetting KL (full vocab) | top-1 agreement | general CE |",
             "|---|---|---|---|---|---|"]
     for row in rows:
+        if row.get("failed"):  # a run the sweep recorded as failed (sweep.py): no figures
+            out.append(f"| {row['name']} | failed ({row['failed']['stage']}) | - | - | - | - |")
+            continue
         r = run_figures(row)
         error = f" +/- {r.score_error:.3f}" if r.score_error is not None else ""
         out.append(f"| {r.name} | {r.score:.3f}{error} | {r.task_ce:.4f} | {r.kl:.4f} | {r.top1_agreement:.3f} | "

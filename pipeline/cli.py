@@ -209,11 +209,14 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     write OUT/report.md, OUT/tradeoff.png, OUT/curves.png and OUT/recommendation.json. Any train flag sets the
     fixed part of every run. Rerun to resume.
 
-    The recommended run: among the runs whose task score (--task-score, exact match by default) is within
-    --task-tolerance of the best run's, the one that forgets least (full-vocabulary KL on held-out general
-    prompts); ties go to the cheaper run. When the task score does not separate the runs (e.g. all 0), held-out
-    task CE is used instead (relative tolerance).
-    Its adapter is linked at OUT/recommended/adapter, ready for `generate` and `merge`.
+    The recommended run: among the runs whose task score (--task-score, exact match by default) is within the
+    tolerance of the best run's (by default the sampling error of their difference; --task-tolerance fixes it),
+    the one that forgets least (full-vocabulary KL on
+    held-out general prompts); ties go to the cheaper run. Only when a run has no task score (or the runs were
+    scored by different scores) is held-out task CE used instead (relative tolerance).
+    Its adapter is linked at OUT/recommended/adapter, ready for `generate` and `merge`. A run that fails (e.g.
+    diverges) is reported as failed and the others go on; the command then exits non-zero naming it, and a
+    rerun keeps it failed unless given --retry-failed.
 
     \b
     Examples:
@@ -223,7 +226,7 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     from dataclasses import fields as dc_fields
 
     from pipeline.config import overlay, section_values
-    from pipeline.sweep import sweep
+    from pipeline.sweep import RunsFailed, sweep
 
     sweep_names = {f.name for f in dc_fields(SweepConfig)}
     train_names = {f.name for f in dc_fields(TrainConfig)} - sweep_names
@@ -233,13 +236,22 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     eval_cfg = load_config(EvalConfig, config_file, {"cache": cfg.cache, "limit": cfg.eval_limit,
                                                      "task_score": cfg.task_score})
     command = "pipeline sweep " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["sweep"] else "pipeline sweep"
-    rows = sweep(cfg, fixed, eval_cfg, command=command)
+    try:
+        rows = sweep(cfg, fixed, eval_cfg, command=command)
+    except RunsFailed as failed:  # the other runs are reported: show them, then the one-line error
+        show_sweep(cfg.out, failed.rows)
+        raise
+    show_sweep(cfg.out, rows)
+
+
+def show_sweep(out: str, rows: list[dict]) -> None:
+    """The sweep's table on stdout, and where its report and recommended adapter are."""
     from pipeline.report import report_table
 
     click.echo(report_table(rows))
-    click.echo(f"report: {cfg.out}/report.md, plots: {cfg.out}/tradeoff.png, {cfg.out}/curves.png")
-    if (Path(cfg.out) / "recommended" / "adapter").exists():
-        click.echo(f"recommended adapter: {cfg.out}/recommended/adapter (why: {cfg.out}/recommendation.json)")
+    click.echo(f"report: {out}/report.md, plots: {out}/tradeoff.png, {out}/curves.png")
+    if (Path(out) / "recommended" / "adapter").exists():
+        click.echo(f"recommended adapter: {out}/recommended/adapter (why: {out}/recommendation.json)")
 
 
 @main.command("run")

@@ -187,10 +187,14 @@ class TrainConfig(CommonConfig):
                   choices=KL_KINDS)
     rehearsal_ratio: float = opt(0.3, "Share of rehearsal (general) examples in every optimiser step.", min=0, max=1)
     l2: float = opt(0.0, "mu: weight of the L2 penalty on the LoRA parameters.", min=0)
-    max_forgetting: float | None = opt(None, "Forgetting budget EPS: the mean per-token KL(base || student) on the "
-                                       "rehearsal tokens of the training steps may be at most this. kd_lambda then "
-                                       "only starts a multiplier that training raises while the running KL is over "
-                                       "EPS and lowers while it is under (dual ascent; README). Off: lambda is fixed.",
+    max_forgetting: float | None = opt(None, "Forgetting budget EPS, a bound on the running average (EMA 0.8 over "
+                                       "steps) of the forward KL(base || student) per rehearsal token, over the k+1 "
+                                       "buckets of the cached targets (the top-k ids and one for the rest) at the "
+                                       "cache's temperature, on the training batches with LoRA dropout on. It is not "
+                                       "the forgetting KL evaluate reports (full vocabulary, T = 1, eval mode, "
+                                       "held-out prompts; at T = 1 the bucket KL is a lower bound of it). kd_lambda "
+                                       "then only starts a multiplier that training raises while the running KL is "
+                                       "over EPS and lowers while it is under (dual ascent). Off: lambda is fixed.",
                                        positive=True)
     lora_r: int = opt(8, "LoRA rank.", positive=True)
     lora_alpha: float = opt(16, "LoRA alpha (scale = alpha / r).", positive=True)
@@ -311,11 +315,18 @@ class SweepConfig(CommonConfig):
     task_score: str | None = opt(None, "The task score every run is scored and compared by (overrides "
                                  "evaluate.task_score, default exact_match): exact_match, normalized, json, contains, "
                                  "regex or python:PATH_OR_MODULE:FUNCTION (see evaluate --help).")
-    task_tolerance: float = opt(0.02, "The recommendation: among the runs whose task score is within this of the "
-                                "best run's (absolute: 0.02 = 2 points of a 0..1 task score), the one with the least "
-                                "forgetting (full-vocabulary KL); ties go to the cheaper run. When the task score does "
-                                "not separate the runs, task CE is used and the tolerance is relative (0.02 = 2%).",
-                                min=0)
+    task_tolerance: float | None = opt(None, "The recommendation: among the runs whose task score is within this "
+                                       "of the best run's, the one with the least forgetting (full-vocabulary KL); "
+                                       "ties go to the cheaper run. Default (auto): each run's own, the sampling error "
+                                       "of its score's difference from the best's, sqrt(e_best^2 + e_run^2), e being "
+                                       "the standard error of a mean score on n examples (never below 1 / (2 (n + 1)), "
+                                       "the Wilson interval's at a score of 0 or 1): runs that these examples cannot "
+                                       "tell apart are all candidates. A number: absolute (0.02 = 2 points of a 0..1 "
+                                       "score). Only when a run has no task score (or the runs were scored by "
+                                       "different scores) is task CE used, the tolerance then relative (0.02 = 2%, "
+                                       "also the auto value).", min=0)
+    retry_failed: bool = opt(False, "Train and evaluate again the runs an earlier sweep recorded as failed "
+                             "(OUT/<run>/failed.json); without it a rerun keeps them failed.")
 
     def check(self) -> list[str]:
         problem = spec_problem(self.task_score) if self.task_score is not None else None

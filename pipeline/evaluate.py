@@ -6,7 +6,9 @@ teacher model:
 * task: mean per-token CE on the task eval rows, and the task's own score (--task-score, scoring.py: exact match
   by default, or normalized, json, contains, regex, or the user's function) of the greedy answer (prompt = the
   cached prompt tokens) against the cached reference, both decoded with special tokens dropped and surrounding
-  whitespace trimmed (`answer_text`): its mean over the rows and the standard error of that mean;
+  whitespace trimmed (`answer_text`): its mean over the rows and the standard error of that mean, and how many
+  references no answer can match (longer than --max-new-tokens, or cut at the cache's max_length; a warning says
+  so when there are any);
 * forgetting, on the rehearsal eval rows (refused if a prompt is also among the rehearsal train rows): per
   batch one forward with the adapter on and one with it off (the same loaded model: no second copy), then at
   the response positions
@@ -36,7 +38,7 @@ from pipeline.config import EvalConfig
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_json
 from pipeline.forward import output_head, response_positions, student_losses
-from pipeline.generate import generate_all
+from pipeline.generate import end_of_turn_ids, generate_all
 from pipeline.losses import full_kl_and_agreement
 from pipeline.model_source import open_model_source
 from pipeline.models import load_for_inference
@@ -118,14 +120,45 @@ def same_answer(tokenizer, prediction: Sequence[int], reference: Sequence[int]) 
     return answer_text(tokenizer, prediction) == answer_text(tokenizer, reference)
 
 
+def unreachable_references(rows: Sequence[CachedRow], stops: set[int], *, max_new_tokens: int,
+                           max_length: int) -> dict[str, int]:
+    """How many task references an answer of at most `max_new_tokens` tokens cannot reproduce.
+
+    Args:
+        stops: the ids that end an answer (the end of turn and the other special tokens, which answer_text drops).
+        max_length: the cache's: a row that long whose reference holds no stop token was cut there.
+    Returns:
+        references_over_max_new_tokens: the references with more answer tokens (those before the first stop
+            token) than max_new_tokens: generation stops before it could write them out;
+        references_cut_by_max_length: the references cut at the cache's max_length: an answer that says all of
+            what the reference said before the cut says more than the reference.
+    """
+    over = cut = 0
+    for row in rows:
+        _, ref = split_prompt(row)
+        answer = next((j for j, t in enumerate(ref) if t in stops), None)
+        over += (len(ref) if answer is None else answer) > max_new_tokens
+        cut += answer is None and len(row.input_ids) >= max_length
+    return {"references_over_max_new_tokens": over, "references_cut_by_max_length": cut}
+
+
 def task_score(model, tokenizer, rows: Sequence[CachedRow], scorer: Scorer, *, batch_size: int,
-               max_new_tokens: int, device: torch.device, precision: str, seed: int) -> dict:
+               max_new_tokens: int, max_length: int, device: torch.device, precision: str, seed: int,
+               log=print) -> dict:
     """Greedy answers scored against the cached references (both as `answer_text` gives them) by `scorer`.
 
     Returns:
         scoring.summary's keys (score, score_name, score_error, and exact_match or fields where they apply),
-        examples, and samples: the first five answers as compared, each with its score.
+        examples, samples: the first five answers as compared, each with its score, and the counts of
+        unreachable_references (a warning is logged when either is not 0).
     """
+    stops = end_of_turn_ids(model, tokenizer) | set(tokenizer.all_special_ids)
+    unreachable = unreachable_references(rows, stops, max_new_tokens=max_new_tokens, max_length=max_length)
+    over, cut = unreachable.values()
+    if over or cut:
+        log(f"warning: of {len(rows)} task references, {over} are longer than --max-new-tokens {max_new_tokens} and "
+            f"{cut} were cut at the cache's max_length {max_length}: no answer can match those exactly, so the task "
+            "score is lower than the model's; raise --max-new-tokens, or cache with a larger --max-length")
     prompts, refs = zip(*(split_prompt(r) for r in rows), strict=True)
     outs = generate_all(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         temperature=0.0, seed=seed, device=device, precision=precision, desc="task answers")
@@ -137,7 +170,8 @@ def task_score(model, tokenizer, rows: Sequence[CachedRow], scorer: Scorer, *, b
     scores = score_all(scorer, predictions, references, examples)
     samples = [{"id": row.example_id, "reference": ref, "prediction": pred, "score": score}
                for row, ref, pred, score in list(zip(rows, references, predictions, scores, strict=True))[:5]]
-    return {**summary(scorer.name, scores, predictions, references), "examples": len(scores), "samples": samples}
+    return {**summary(scorer.name, scores, predictions, references), "examples": len(scores), "samples": samples,
+            **unreachable}
 
 
 def refuse_trained_prompts(cache: Cache, rows: Sequence[CachedRow]) -> None:
@@ -185,15 +219,16 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     model, device, precision = load_for_inference(source, cfg.device, cfg.precision, cfg.adapter, attn=cfg.attn)
     common = {"pad_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size, "device": device,
               "precision": precision, "temperature": cache.temperature}
-    report: dict = {"model": cfg.model, "adapter": cfg.adapter, "cache": str(cache.path),
-                    "cache_fingerprint": cache.fingerprint}
+    report: dict = {"model": cfg.model, "model_fingerprint": source.fingerprint, "adapter": cfg.adapter,
+                    "cache": str(cache.path), "cache_fingerprint": cache.fingerprint}
     if task_rows:
         task = score_rows(model, task_rows, with_kl=False, desc="task CE", **common)
         report["task"] = {"examples": len(task_rows), "ce": task["ce"], "tokens": task["tokens"]}
         if scorer is not None:
             report["task"].update(task_score(model, tokenizer, task_rows, scorer, batch_size=cfg.batch_size,
-                                             max_new_tokens=cfg.max_new_tokens, device=device, precision=precision,
-                                             seed=cfg.seed))
+                                             max_new_tokens=cfg.max_new_tokens,
+                                             max_length=int(cache.manifest["max_length"]), device=device,
+                                             precision=precision, seed=cfg.seed, log=log))
     if reh_rows:
         forgetting = score_forgetting(model, reh_rows, has_adapter=bool(cfg.adapter), **common)
         report["forgetting"] = {"examples": len(reh_rows), **forgetting}

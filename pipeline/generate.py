@@ -57,6 +57,14 @@ def sampler_for(device: torch.device, temperature: float) -> InverseCdfSampler:
 
 
 @torch.inference_mode()
+def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """The token ids generation stops at: the tokenizer's eos and the model's generation_config eos id(s)."""
+    configured = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, *([configured] if isinstance(configured, int) else configured or [])}
+    eos.discard(None)
+    return eos
+
+
 def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
                    device: torch.device, precision: str) -> list[list[int]]:
     """Decode one batch of prompts (token ids); returns the new tokens of each, cut after the end of turn.
@@ -74,9 +82,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_ne
 
     processors = LogitsProcessorList([sampler_for(device, temperature)] if temperature > 0 else [])
     greedy = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-    eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
-        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
-    eos.discard(None)
+    eos = end_of_turn_ids(model, tokenizer)
     with autocast(device, precision):
         out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                              pad_token_id=pad, eos_token_id=sorted(eos), use_cache=True, logits_processor=processors,

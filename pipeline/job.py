@@ -22,7 +22,7 @@ from pipeline.cache.write import build_cache
 from pipeline.config import CacheConfig, EvalConfig, SweepConfig, TrainConfig, load_config, overlay, section_values
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.fileio import atomic_dir
-from pipeline.sweep import plan_runs, run_config, sweep
+from pipeline.sweep import RunsFailed, plan_runs, run_config, sweep
 
 CACHE = "cache"
 SINGLE_RUN = "train"  # the run's name when no sweep is asked for
@@ -93,11 +93,20 @@ def run_job(config_file: str | None, flags: dict, *, command: str, log=print) ->
     for line in build_cache(cache_cfg, log=log).lines():
         log(line)
     log(f"== 2/2 train and evaluate -> {out}")
-    sweep(sweep_cfg, fixed, eval_cfg, command=command, log=log)
+    try:
+        sweep(sweep_cfg, fixed, eval_cfg, command=command, log=log)
+    except RunsFailed:  # the runs that did not fail are reported and recommended: hand the pick over all the same
+        hand_over(out)
+        raise
+    hand_over(out)
+    return out
+
+
+def hand_over(out: Path) -> None:
+    """OUT/adapter, when the sweep recommended a run."""
     recommended = out / "recommended" / "adapter"
     if recommended.exists():
         link_adapter(out, recommended)
-    return out
 
 
 def link_adapter(out: Path, recommended: Path) -> None:

@@ -2,7 +2,9 @@
 peak memory.
 
 A line holds step, loss, ce, kl, l2, lr, grad_norm, tokens_per_s and the realised rehearsal_ratio, each the mean
-over the steps since the previous line; the line with step 0 is the student before any update (KL ~0).
+over the steps since the previous line; kl is the mean over the steps that measured a KL, and null when none did
+(no KL token: plain QLoRA, or no rehearsal row under kd_on rehearsal). The line with step 0 is the student before
+any update (KL ~0).
 
 With `train --eval-every N`, every N steps and at the end an eval line follows the step's line (eval_record):
 {"step", "eval": true, "task_ce", "kl_topk", "task_rows", "general_rows"}, scored on the cache's held-out rows.

@@ -22,6 +22,7 @@ from pipeline.recommend import (
     run_figures,
     score_label,
     score_name,
+    trained_runs,
 )
 from pipeline.scoring import describe, label
 
@@ -54,21 +55,27 @@ def report_table(rows: list[dict]) -> str:
         r = run_figures(row)
         lines.append("| " + " | ".join([
             r.name, fmt_number(row.get("kd_lambda"), 2), fmt_number(row.get("rehearsal_ratio"), 2), kd_on_cell(row),
-            _fmt_score(r), fmt_number(r.task_ce), fmt_number(r.kl), fmt_number(r.top1_agreement, 3),
-            fmt_number(r.kl_topk), fmt_number(r.general_ce), fmt_number(r.train_seconds, 0)]) + " |")
+            "failed (see above)" if row.get("failed") else _fmt_score(r), fmt_number(r.task_ce), fmt_number(r.kl),
+            fmt_number(r.top1_agreement, 3), fmt_number(r.kl_topk), fmt_number(r.general_ce),
+            fmt_number(r.train_seconds, 0)]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def recommendation_text(rec: Recommendation | None) -> str:
     """The report's opening paragraph: the pick, why, the fallback sentence and the warning."""
     if rec is None:
-        return "**No recommendation**: no trained run has a task score or a task CE.\n"
+        return "**No recommendation**: no trained run that finished has a task score or a task CE.\n"
     text = f"**Recommended: `{rec.name}`** (adapter: `recommended/adapter`). {rec.reason}"
     if rec.fallback:
         text += f" {rec.fallback}"
+    tolerance = ("the sampling error of its difference from the best run's score (the default; a fixed "
+                 "`--task-tolerance` replaces it)" if rec.tolerance_kind == "auto" else
+                 f"`--task-tolerance` ({rec.tolerance:g}, {rec.tolerance_kind})")
     text += (f"\n\nThe rule: among the trained runs whose task score (here: {label(rec.score_name)}, `--task-score "
-             f"{rec.score_name}`) is within the tolerance (`--task-tolerance`) of the best run's, the one with the "
-             "least forgetting (full-vocabulary KL); ties go to the cheaper run.\n")
+             f"{rec.score_name}`) is within the tolerance of the best run's, tolerance being {tolerance}, the one "
+             "with the least forgetting (full-vocabulary KL); ties go to the cheaper run. Held-out task CE takes "
+             "the score's place only when a run has no task score or the runs were scored by different scores. "
+             "Failed runs are never picked.\n")
     if rec.warning:
         text += f"\n> **Warning**: {rec.warning}\n"
     return text
@@ -84,7 +91,11 @@ def write_report(out: Path, rows: list[dict], rec: Recommendation | None, *, com
                "mean per-token KL(base || tuned) on held-out general prompts, over the cached top-k + 1 buckets (these "
                "reports predate the full-vocabulary figure: a lower bound)")
     name = rec.score_name if rec else rows_score_name(rows)
-    text = ("# Sweep report\n\n" + recommendation_text(rec) + "\n" + report_table(rows) + "\n"
+    single = len(rows) == 2 and rows[0]["name"] == "base" and rec is not None and not rec.failed
+    opening = ("# Report\n\n" + single_run_text(rows, rec) if single else
+               "# Sweep report\n\n" + recommendation_text(rec))
+    text = (opening + "\n" + failures_text(rows) + report_table(rows)
+            + "\n"
             f"* {score_label(name)} (`--task-score {name}`): {describe(name)}, averaged over the n held-out task "
             "examples (higher is better), ± its sampling error: the standard deviation of the per-example scores / "
             "sqrt(n) (for a 0/1 score, sqrt(p (1 - p) / n)).\n"
@@ -102,6 +113,31 @@ def write_report(out: Path, rows: list[dict], rec: Recommendation | None, *, com
             + f"\nCommand: `{command}`  \nDate: {date}  \npipeline {__version__}\n" + extra)
     atomic_write_text(out / "report.md", text)
     return out / "report.md"
+
+
+def single_run_text(rows: list[dict], rec: Recommendation) -> str:
+    """The opening of a report on one trained run (`pipeline run` without a sweep): what it learned and what it
+    forgot, each against the base row; there is nothing to recommend between."""
+    base, run = run_figures(rows[0]), run_figures(rows[1])
+    what = score_label(rec.score_name)
+    learned = (f"{what} {_fmt_score(run)} (base {fmt_number(base.score, 3)})" if run.score is not None else
+               f"task CE {fmt_number(run.task_ce)} (base {fmt_number(base.task_ce)})")
+    text = (f"**`{run.name}`** (adapter: `recommended/adapter`): {learned}; forgetting KL {fmt_number(run.kl)} "
+            f"against the base (full vocabulary, held-out general prompts; 0 = none), top-1 agreement with the base "
+            f"{fmt_number(run.top1_agreement, 3)}.\n")
+    if rec.warning:
+        text += f"\n> **Warning**: {rec.warning}\n"
+    return text
+
+
+def failures_text(rows: list[dict]) -> str:
+    """The runs that failed, each with its error (sweep.py's row["failed"]); "" when none did."""
+    failed = [r for r in rows if r.get("failed")]
+    if not failed:
+        return ""
+    lines = [f"* `{r['name']}` ({r['failed']['stage']}): {r['failed']['error']}" for r in failed]
+    return ("**Failed runs** (never recommended; the error is also in the run's `failed.json`, "
+            "and a rerun keeps them failed unless given `--retry-failed`):\n\n" + "\n".join(lines) + "\n\n")
 
 
 def fields_line(rows: list[dict], rec: Recommendation | None) -> str:
@@ -138,9 +174,9 @@ def draw_tradeoff(ax, rows: list[dict], rec: Recommendation | None) -> str | Non
     """Task score (or task CE, when the rule fell back to it) against forgetting KL, one labelled point per run,
     the Pareto front dashed and the pick ringed; returns the name of the ringed run (None if nothing ringed)."""
     runs = [run_figures(r) for r in rows]
-    rule = rec.rule if rec else choose_rule([r for r in runs if r.name != "base"])
+    rule = rec.rule if rec else choose_rule(trained_runs(rows))
     use_score = rule == "task_score"
-    what = score_label(rec.score_name if rec else score_name([r for r in runs if r.name != "base"]))
+    what = score_label(rec.score_name if rec else score_name(trained_runs(rows)))
     points = [(r.name, r.kl, r.score if use_score else r.task_ce) for r in runs]
     points = [p for p in points if p[1] is not None and p[2] is not None]
     if not points:
@@ -177,7 +213,7 @@ def draw_tradeoff(ax, rows: list[dict], rec: Recommendation | None) -> str | Non
         ax.set_title("Learned vs forgotten")
     else:
         ax.set_ylabel("held-out task CE  (lower is better)")
-        ax.set_title(f"Learned vs forgotten (task CE: the {what.removeprefix('task ')} does not separate the runs)",
+        ax.set_title(f"Learned vs forgotten (task CE: the {what.removeprefix('task ')} cannot compare the runs)",
                      fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

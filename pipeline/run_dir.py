@@ -4,6 +4,7 @@
                                     temporary files
     prepare_run_dir(out, ...)       train's OUT: refuse a non-empty one unless resuming or overwriting
     read_run_yaml(run_dir)          the recorded run, None if there is none; an unreadable one is an error
+    run_to_resume(out, made)        the recorded run --resume checks against; a run directory without one refused
     refuse_other_settings(...)      refuse to continue or keep a recorded run trained with other settings
     write_run_yaml(run_dir, doc)    atomically
 
@@ -69,6 +70,24 @@ def read_run_yaml(run_dir: Path) -> dict | None:
     if not isinstance(doc, dict):
         raise PipelineError(f"{path}: not a run record (expected a mapping); delete {run_dir} to redo this run")
     return doc
+
+
+def run_to_resume(out: Path, made: tuple[str, ...] = ()) -> dict | None:
+    """The run.yaml that `train --resume` checks its settings against, or None when there is nothing to resume: no
+    directory, or one holding only the empty sub-directories `made` that prepare_run_dir creates (a run stopped
+    before it recorded itself leaves just those, and --resume may be passed from the very first run).
+
+    Raises:
+        PipelineError: the directory holds anything else but no run.yaml (a checkpoint could then be resumed with
+            other settings, unchecked), or its run.yaml cannot be read (read_run_yaml).
+    """
+    recorded = read_run_yaml(out)
+    if recorded is not None or not out.is_dir():
+        return recorded
+    if any(p.name not in made or not p.is_dir() or any(p.iterdir()) for p in out.iterdir()):
+        raise PipelineError(f"{out / RUN_YAML}: missing, so --resume cannot check the settings this run started "
+                            "with; pass --overwrite to start afresh, or use another --out")
+    return None
 
 
 def refuse_other_settings(run_dir: Path, recorded: dict, want: Any, cache_fingerprint: str | None, *,

@@ -53,7 +53,7 @@ from pipeline.metrics import (
 from pipeline.mixing import RowStream, draw_step, rehearsal_total
 from pipeline.model_source import ModelSource, open_model_source
 from pipeline.models import attach_lora, base_of, eval_mode, load_model
-from pipeline.run_dir import prepare_run_dir, read_run_yaml, refuse_other_settings, write_run_yaml
+from pipeline.run_dir import prepare_run_dir, refuse_other_settings, run_to_resume, write_run_yaml
 from pipeline.teacher import as_stored, teacher_topk
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def prepare_out(cfg: TrainConfig, cache: Cache | None) -> Path:
     if not distributed.is_main():
         return out
     prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, subdirs=(CHECKPOINTS,))
-    recorded = read_run_yaml(out) if cfg.resume else None
+    recorded = run_to_resume(out, made=(CHECKPOINTS,)) if cfg.resume else None
     if recorded is not None:
         refuse_other_settings(out, recorded, cfg, cache.fingerprint if cache is not None else None,
                               doing="--resume", fix="resume with the same settings or use --overwrite")
@@ -352,7 +352,7 @@ class StepResult:
 
     loss: float  # what was minimised: ce + kd_lambda * T^2 * kl + l2
     ce: float  # per response token
-    kl: float | None  # per KL token (raw, at T); None when not measured this step
+    kl: float | None  # per KL token (raw, at T); None when not measured this step, or the step has no KL tokens
     l2: float
     response_tokens: int
     tokens: int  # all non-pad tokens
@@ -441,7 +441,9 @@ def forward_backward(run: Run, batches: list[TrainBatch], *, measure_kl: bool) -
         ce_sum, kl_sum, kl_reh_sum, sum(int(b.attention_mask.sum()) for b in batches),
         sum(b.input_ids.shape[0] for b in batches), sum(b.n_rehearsal_examples for b in batches)])
     ce = ce_sum / max(n_tokens, 1)
-    kl = kl_sum / max(n_kd, 1) if (kd or measure_kl) else None
+    # A step whose KL tokens are none (kd_on rehearsal and no rehearsal row drawn, or no rehearsal at all) measured
+    # no KL: None (null in metrics.jsonl), never a 0 that reads as "no drift" and pulls the window's average down.
+    kl = kl_sum / n_kd if (kd or measure_kl) and n_kd else None
     l2 = 0.0
     if cfg.l2 > 0:
         penalty = cfg.l2 * l2_penalty(p for p in run.model.parameters() if p.requires_grad)

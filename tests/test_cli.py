@@ -70,7 +70,8 @@ def test_task_tolerance_is_a_flag_with_the_rule_in_its_help():
     result = CliRunner().invoke(main, ["sweep", "--help"])
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    assert "--task-tolerance" in text and "[default: 0.02]" in text and "least forgetting" in text
+    assert "--task-tolerance" in text and "least forgetting" in text
+    assert "Default (auto): each run's own, the sampling error of its score's difference from the best's" in text
     result = CliRunner().invoke(main, ["sweep", "--cache", "c", "--out", "o", "--lambdas", "0", "--task-tolerance",
                                        "-1"])
     assert result.exit_code == 2 and "task_tolerance" in result.output

@@ -19,6 +19,7 @@ from tests.helpers import (
     GENERAL_EVAL_ROWS,
     GENERAL_ROWS,
     QUIET,
+    TASK_ROWS,
     build_eval_cache,
 )
 
@@ -148,3 +149,66 @@ def test_evaluate_refuses_general_rows_trained_on(tiny_model_dir, tmp_path):
         evaluate(EvalConfig(model=str(tiny_model_dir), cache=str(cache), task_score="none"), **QUIET)
     message = str(e.value)
     assert "\n" not in message and str(cache) in message and "'seen-poem'" in message and "1 of 5" in message
+
+
+def test_unreachable_references_by_hand():
+    """Answer tokens are those before the first stop token (the end of turn, which answer_text drops); a reference
+    with no stop token in a row max_length long was cut there."""
+    import numpy as np
+
+    from pipeline.cache.schema import CachedRow
+    from pipeline.evaluate import unreachable_references
+
+    eos = 99
+
+    def row(prompt: list[int], ref: list[int]) -> CachedRow:
+        ids = np.array(prompt + ref)
+        mask = np.array([False] * len(prompt) + [True] * len(ref))
+        return CachedRow("x", "task", "eval", ids, mask, np.zeros((len(ref), 2)), np.zeros((len(ref), 2)))
+
+    rows = [row([1, 2], [5, 6, 7, eos, 10, 11]),  # 3 answer tokens, then the end of turn: whole, if max_length long
+            row([1, 2, 3], [5, 6, 7, 8, 9]),  # no end of turn in a row of max_length 8: cut
+            row([1], [5, 6, 7, 8])]  # no end of turn, but shorter than max_length: a prefix was never cut
+    assert unreachable_references(rows, {eos}, max_new_tokens=3, max_length=8) == {
+        "references_over_max_new_tokens": 2, "references_cut_by_max_length": 1}
+    assert unreachable_references(rows, {eos}, max_new_tokens=5, max_length=9) == {
+        "references_over_max_new_tokens": 0, "references_cut_by_max_length": 0}
+
+
+def test_references_no_answer_can_match_are_counted_and_warned(tiny_model_dir, eval_cache, tmp_path, monkeypatch):
+    import pipeline.evaluate
+
+    monkeypatch.setattr(pipeline.evaluate, "generate_all", lambda model, tok, prompts, **_: [[1] for _ in prompts])
+    said = []
+
+    def task_of(cache: Path, max_new_tokens: int) -> dict:
+        said.clear()
+        cfg = EvalConfig(model=str(tiny_model_dir), cache=str(cache), max_new_tokens=max_new_tokens)
+        return evaluate(cfg, log=said.append)["task"]
+
+    task = task_of(eval_cache, 1000)
+    assert (task["references_over_max_new_tokens"], task["references_cut_by_max_length"]) == (0, 0)
+    assert not [line for line in said if line.startswith("warning")]
+    task = task_of(eval_cache, 4)  # every reference is a JSON object of more than 4 tokens
+    assert (task["references_over_max_new_tokens"], task["references_cut_by_max_length"]) == (4, 0)
+    (warning,) = [line for line in said if line.startswith("warning")]
+    assert "of 4 task references, 4 are longer than --max-new-tokens 4 and 0 were cut" in warning
+
+    # A cache whose max_length leaves each held-out answer a few tokens: every reference is cut.
+    rows = list(open_cache(eval_cache).iter_rows("task", "eval"))
+    longest_prompt = max(len(split_prompt(r)[0]) for r in rows)
+    from pipeline.cache.write import build_cache
+    from pipeline.config import CacheConfig
+
+    short = tmp_path / "short"
+    files = {split: tmp_path / f"task_{split}.jsonl" for split in ("train", "eval")}
+    for split, path in files.items():
+        path.write_text("".join(json.dumps({**r, "id": f"{split}{i}"}) + "\n" for i, r in enumerate(TASK_ROWS[:4])))
+    build_cache(CacheConfig(model=str(tiny_model_dir), out=str(short), task_train=str(files["train"]),
+                            task_eval=str(files["eval"]), rehearsal_train="none", top_k=4,
+                            max_length=longest_prompt + 3), **QUIET)
+    task = task_of(short, 1000)
+    assert task["examples"] == 4 and task["references_cut_by_max_length"] == 4
+    assert task["references_over_max_new_tokens"] == 0
+    (warning,) = [line for line in said if line.startswith("warning")]
+    assert f"4 were cut at the cache's max_length {longest_prompt + 3}" in warning

@@ -44,9 +44,9 @@ def test_pareto_front():
     assert pareto_front(ce, higher_is_better=False) == ["base", "a", "c", "d"]
 
 
-@pytest.mark.parametrize("rows, ylabel", [(DEMO_ROWS, "exact match"), (
-    [sweep_row("base", 0.0, 0.0, 0, ce=1.6), sweep_row("plain", 0.0, 0.2, ce=0.43),
-     sweep_row("kd", 0.0, 0.05, ce=0.44)], "task CE")])
+@pytest.mark.parametrize("rows, ylabel", [(DEMO_ROWS, "exact match"), (  # not scored (--task-score none): task CE
+    [sweep_row("base", None, 0.0, 0, ce=1.6), sweep_row("plain", None, 0.2, ce=0.43),
+     sweep_row("kd", None, 0.05, ce=0.44)], "task CE")])
 def test_the_ring_sits_on_the_picked_run(rows, ylabel):
     import matplotlib
 
@@ -62,3 +62,30 @@ def test_the_ring_sits_on_the_picked_run(rows, ylabel):
     assert tuple(rings[0].get_offsets()[0]) == pytest.approx(labels[rec.name])
     assert ylabel in ax.get_ylabel()
     plt.close(fig)
+
+
+def test_the_report_names_each_failed_run_and_its_error(tmp_path):
+    failure = {"stage": "train", "error": "step 3: loss is nan; stopped. The last good checkpoint is none; lower --lr"}
+    rows = [*DEMO_ROWS, {"name": "lr=10", "kd_lambda": 1.0, "rehearsal_ratio": 0.3, "kd_on": "rehearsal",
+                         "eval": None, "train_seconds": None, "curve": [], "failed": failure}]
+    rec = recommend(rows, 0.1)
+    write_report(tmp_path, rows, rec, command="pipeline sweep ...")
+    text = (tmp_path / "report.md").read_text()
+    assert f"* `lr=10` (train): {failure['error']}" in text and "--retry-failed" in text
+    assert "| lr=10 | 1.00 | 0.30 | rehearsal | failed (see above) |" in text
+    assert rec.name == "kd_lambda=1,kd_on=rehearsal" and "Not considered, as failed: lr=10." in text
+
+
+def test_a_single_run_report_gives_its_figures_against_the_base(tmp_path):
+    """`pipeline run` trains one run: the report says what it learned and forgot against the base, and recommends
+    nothing (there is nothing to choose between)."""
+    rows = [sweep_row("base", 0.0, 0.0, 0, n=40), sweep_row("train", 0.5, 0.008, n=40)]
+    write_report(tmp_path, rows, recommend(rows), command="pipeline run ...")
+    text = (tmp_path / "report.md").read_text()
+    assert text.startswith("# Report\n\n**`train`** (adapter: `recommended/adapter`): task exact match 0.500 ± 0.079 "
+                           "(base 0.000); forgetting KL 0.0080 against the base")
+    assert "Recommended" not in text and "Warning" not in text and "| train |" in text
+    # With a second run it is a sweep again.
+    rows.append(sweep_row("other", 0.4, 0.001, n=40))
+    write_report(tmp_path, rows, recommend(rows), command="pipeline sweep ...")
+    assert (tmp_path / "report.md").read_text().startswith("# Sweep report\n\n**Recommended: `other`**")

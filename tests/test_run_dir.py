@@ -73,3 +73,25 @@ def test_resume_may_switch_tensorboard_on(tmp_path):
     with pytest.raises(PipelineError, match="--resume with other settings: lr"):
         refuse_other_settings(tmp_path, recorded, TrainConfig(**{**started.__dict__, "resume": True, "lr": 5e-4}),
                               None, doing="--resume", fix="")
+
+
+def test_resume_without_a_readable_run_yaml_is_refused(tiny_model_dir, cache_and_other, finished_run, tmp_path):
+    """Without run.yaml --resume cannot check the settings the run started with: refused, the run left as it was."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "run.yaml").unlink()
+    before = snapshot(out)
+    resumed = invoke(short_train_cmd(tiny_model_dir, cache_and_other["cache"], out, "--resume", "--lr", "2e-3"))
+    assert_one_line_error(resumed, f"error: {out / 'run.yaml'}: missing, so --resume cannot check the settings",
+                          "--overwrite")
+    assert snapshot(out) == before
+    (out / "run.yaml").write_text("config: [unclosed\n")
+    assert_one_line_error(invoke(short_train_cmd(tiny_model_dir, cache_and_other["cache"], out, "--resume")),
+                          f"error: {out / 'run.yaml'}: unreadable")
+
+    # Nothing recorded and nothing to resume (a run stopped before it recorded itself leaves an empty checkpoints/):
+    # --resume starts at step 0, as it does on a new directory.
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)
+    started = invoke(short_train_cmd(tiny_model_dir, cache_and_other["cache"], fresh, "--resume"))
+    assert started.exit_code == 0 and "no checkpoint in" in started.output, started.output

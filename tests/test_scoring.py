@@ -9,6 +9,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -373,12 +374,14 @@ def test_a_kept_eval_is_rescored_when_the_user_scorer_changed(tmp_path):
     cfg = EvalConfig(cache="c", task_score=USER)
     path = tmp_path / "eval.json"
     settings = {"max_new_tokens": 64, "task_score": USER, "limit": None, "task_score_sha256": "aaa"}
-    path.write_text(json.dumps({"settings": settings}))
-    assert _eval_current(path, cfg, "aaa") is not None
-    assert _eval_current(path, cfg, "bbb") is None  # the scorer file was edited since
+    made_from = {"cache": SimpleNamespace(fingerprint="c0"), "model": SimpleNamespace(fingerprint="m0")}
+    fingerprints = {"cache_fingerprint": "c0", "model_fingerprint": "m0"}
+    path.write_text(json.dumps({"settings": settings, **fingerprints}))
+    assert _eval_current(path, cfg, "aaa", **made_from) is not None
+    assert _eval_current(path, cfg, "bbb", **made_from) is None  # the scorer file was edited since
     del settings["task_score_sha256"]  # an eval.json from before there were user scorers: exact match only
-    path.write_text(json.dumps({"settings": {**settings, "task_score": "exact_match"}}))
-    assert _eval_current(path, EvalConfig(cache="c"), None) is not None
+    path.write_text(json.dumps({"settings": {**settings, "task_score": "exact_match"}, **fingerprints}))
+    assert _eval_current(path, EvalConfig(cache="c"), None, **made_from) is not None
 
 
 # ---------------------------------------------------------------- evaluate on the tiny model

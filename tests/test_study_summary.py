@@ -81,3 +81,9 @@ def test_summary_tables_every_run_with_its_error(tmp_path):
     assert "(within 0.02 of plain QLoRA's 0.500): 1 run; the one that forgets least, `rehearsal`" in text
     assert "| plain-qlora | 0.500 +/- 0.050 | 0.1000 | 0.2000 | 0.900 | 2.300 |" in text  # sqrt(.25 / 100) = .05
     assert "| base | 0.000 +/- 0.000 |" in text
+
+
+def test_summary_lists_a_failed_run_without_figures(tmp_path):
+    failed = {"name": "diverged", "eval": None, "failed": {"stage": "train", "error": "step 3: loss is nan"}}
+    text = _summary(_study(tmp_path, [_row("plain-qlora", 0.5, 0.2, n=100), failed], "plain-qlora", {}))
+    assert "| diverged | failed (train) | - | - | - | - |" in text

@@ -26,6 +26,8 @@ from pipeline.sweep import budget_curve, eval_curve, metric_lines, plan_runs, sw
 from tests.helpers import (
     DEMO_ROWS,
     QUIET,
+    assert_one_line_error,
+    invoke,
 )
 
 
@@ -311,3 +313,125 @@ def plt_height(png) -> int:
     import matplotlib.image
 
     return matplotlib.image.imread(png).shape[0]
+
+
+def test_a_failing_run_is_recorded_and_the_others_reported_and_recommended(tiny_model_dir, eval_cache, tmp_path,
+                                                                           monkeypatch):
+    """[failed run note] The lr 10 run diverges (its loss made NaN from step 3: the tiny model's loss cannot grow
+    4-fold, being near log V from the start); the lr 1e-3 run is still trained, reported and recommended, the sweep
+    exits non-zero naming the failed run, and a rerun keeps it failed unless given --retry-failed."""
+    import pipeline.sweep
+    import pipeline.train
+
+    real = pipeline.train.forward_backward
+
+    def nan_at_high_lr(run, batches, **kw):
+        out = real(run, batches, **kw)
+        return dataclasses.replace(out, loss=float("nan")) if run.cfg.lr > 1 and run.state.step >= 2 else out
+
+    monkeypatch.setattr(pipeline.train, "forward_backward", nan_at_high_lr)
+    config = tmp_path / "sweep.yaml"
+    config.write_text("# test\nevaluate:\n  max_new_tokens: 4\n")
+    out = tmp_path / "s"
+    args = ["sweep", "--config", config, "--model", tiny_model_dir, "--cache", eval_cache, "--out", out,
+            "--grid", "lr=0.001,10", "--max-steps", "6", "--batch-size", "4", "--warmup-steps", "0",
+            "--log-every", "1", "--eval-limit", "2"]
+    result = invoke(args)
+    assert_one_line_error(result, "error: 1 of 2 runs failed: lr=10 (train: step 3: loss is nan; stopped. ",
+                          "--retry-failed", str(out / "report.md"))
+    error = json.loads((out / "lr=10" / "failed.json").read_text())
+    assert error["stage"] == "train" and error["error"].startswith("step ") and "stopped" in error["error"]
+    rows = json.loads((out / "rows.json").read_text())
+    assert [(r["name"], r.get("failed")) for r in rows] == [
+        ("base", None), ("lr=0.001", None), ("lr=10", {"stage": "train", "error": error["error"]})]
+    assert rows[2]["eval"] is None and rows[1]["eval"]["task"]["examples"] == 2
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert (rec["name"], rec["failed"]) == ("lr=0.001", ["lr=10"])
+    assert (out / "recommended" / "adapter").resolve() == (out / "lr=0.001" / "adapter").resolve()
+    report = (out / "report.md").read_text()
+    assert f"* `lr=10` (train): {error['error']}" in report and "| lr=10 |" in report
+    assert "| lr=0.001 |" in report.split("**Failed runs**")[1]  # the other run is in the table
+    assert "| lr=0.001 |" in result.stdout  # ... and on the screen
+
+    # A rerun trains nothing: the good run is kept, the failed one stays failed.
+    trained = []
+    monkeypatch.setattr(pipeline.sweep, "train", lambda cfg, **kw: trained.append(Path(cfg.out).name))
+    assert_one_line_error(invoke(args), "error: 1 of 2 runs failed: lr=10 (train: step ")
+    assert trained == [] and json.loads((out / "rows.json").read_text())[2]["failed"]["error"] == error["error"]
+    # --retry-failed trains it again (here: a train that raises a RuntimeError, recorded the same way).
+    monkeypatch.setattr(pipeline.sweep, "train",
+                        lambda cfg, **kw: trained.append(Path(cfg.out).name) or exec("raise RuntimeError('boom')"))
+    assert_one_line_error(invoke([*args, "--retry-failed"]), "error: 1 of 2 runs failed: lr=10 (train: boom)")
+    assert trained == ["lr=10"]
+    retried = json.loads((out / "lr=10" / "failed.json").read_text())
+    assert (retried["error"], retried["type"]) == ("boom", "RuntimeError") and "Traceback" in retried["traceback"]
+
+
+def test_the_base_row_is_scored_again_for_another_cache_or_model(tiny_model_dir, eval_cache, tmp_path, monkeypatch):
+    """The saved base evaluation is kept only when the evaluate settings, the cache's content and the model all
+    match (every run fails here, at once: only the base is scored)."""
+    import pipeline.sweep
+    from pipeline.sweep import RunsFailed
+
+    scored = []
+    real_evaluate = pipeline.sweep.evaluate
+    monkeypatch.setattr(pipeline.sweep, "evaluate", lambda cfg, **kw: scored.append(cfg.adapter) or real_evaluate(
+        cfg, **kw))
+    monkeypatch.setattr(pipeline.sweep, "train", lambda cfg, **kw: exec("raise RuntimeError('no training here')"))
+    cfg = SweepConfig(model=str(tiny_model_dir), cache=str(eval_cache), out=str(tmp_path / "s"), lambdas=[0.0])
+    eval_cfg = EvalConfig(model=str(tiny_model_dir), cache=str(eval_cache), task_score="none", limit=2)
+
+    def base_scored() -> bool:
+        scored.clear()
+        with pytest.raises(RunsFailed, match="1 of 1 runs failed: kd_lambda=0 \\(train: no training here\\)"):
+            sweep(cfg, {"max_steps": 2}, eval_cfg, command="test", **QUIET)
+        return scored == [None]
+
+    base = tmp_path / "s" / "base" / "eval.json"
+    assert base_scored()
+    report = json.loads(base.read_text())
+    assert report["cache_fingerprint"] == open_cache(eval_cache).fingerprint and len(report["model_fingerprint"]) == 64
+    assert not base_scored()  # the same settings, cache and model: kept
+    for key in ("cache_fingerprint", "model_fingerprint"):  # as if made from another cache, or by another model
+        base.write_text(json.dumps({**report, key: "0" * 64}))
+        assert base_scored(), key
+        assert json.loads(base.read_text())[key] == report[key]
+
+
+def test_a_run_with_a_nan_figure_is_recorded_failed_not_picked(tiny_model_dir, eval_cache, tmp_path, monkeypatch):
+    import pipeline.sweep
+    from pipeline.sweep import RunsFailed
+
+    def fake_evaluate(cfg, **_):
+        kl = float("nan") if "kd_lambda=1" in (cfg.adapter or "") else 0.1
+        return {"task": {"score_name": "exact_match", "score": 0.5, "examples": 4, "ce": 0.5},
+                "forgetting": {"kl": kl}}
+
+    monkeypatch.setattr(pipeline.sweep, "evaluate", fake_evaluate)
+    monkeypatch.setattr(pipeline.sweep, "train", lambda cfg, **kw: None)
+    out = tmp_path / "s"
+    cfg = SweepConfig(model=str(tiny_model_dir), cache=str(eval_cache), out=str(out), lambdas=[1.0, 0.0])
+    with pytest.raises(RunsFailed, match=r"1 of 2 runs failed: kd_lambda=1 \(evaluate: forgetting KL is nan in "):
+        sweep(cfg, {"max_steps": 2}, EvalConfig(cache=str(eval_cache)), command="test", **QUIET)
+    assert json.loads((out / "recommendation.json").read_text())["name"] == "kd_lambda=0"
+    assert json.loads((out / "kd_lambda=1" / "failed.json").read_text())["stage"] == "evaluate"
+
+
+def test_a_full_disk_stops_the_sweep_instead_of_failing_the_run(tiny_model_dir, eval_cache, tmp_path, monkeypatch):
+    """[failed run note] A failure of the machine, not of the run's settings, is not recorded against the run."""
+    import pipeline.sweep
+    from pipeline.errors import PipelineError
+
+    def full_disk(cfg, **_):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:
+            raise PipelineError(f"{cfg.out}/metrics.jsonl: cannot write: No space left on device") from e
+
+    monkeypatch.setattr(pipeline.sweep, "evaluate", lambda cfg, **_: {})
+    monkeypatch.setattr(pipeline.sweep, "train", full_disk)
+    out = tmp_path / "s"
+    cfg = SweepConfig(model=str(tiny_model_dir), cache=str(eval_cache), out=str(out), lambdas=[0.0, 1.0])
+    with pytest.raises(PipelineError, match=r"metrics\.jsonl: cannot write") as stopped:
+        sweep(cfg, {"max_steps": 2}, EvalConfig(cache=str(eval_cache)), command="test", **QUIET)
+    assert type(stopped.value) is PipelineError and not list(out.glob("*/failed.json"))

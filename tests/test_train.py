@@ -329,6 +329,31 @@ def test_kd_keeps_student_closer_to_teacher(tiny_model_dir, tiny_cache, tmp_path
     assert run_yaml["cache"]["fingerprint"] == open_cache(tiny_cache).fingerprint
 
 
+def test_kl_is_null_where_no_kl_was_measured(tiny_model_dir, tiny_cache, tmp_path):
+    """`kl` (and step0_kl) is null, not 0.0, for a step without KL tokens, and a window's average skips those steps."""
+    def metrics(name: str) -> dict[int, float | None]:
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return {m["step"]: m["kl"] for m in lines if not m.get("eval")}
+
+    # Plain QLoRA: no rehearsal and lambda 0, so no step has a KL token (kd_on: rehearsal).
+    plain = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "plain", kd_lambda=0.0, rehearsal_ratio=0.0,
+                          max_steps=3, log_every=1, save_every=100), **QUIET)
+    assert metrics("plain") == {0: None, 1: None, 2: None, 3: None}
+    assert plain["step0_kl"] is None and plain["final"]["kl"] is None
+    # 10% rehearsal of 4 examples: round(0.4 s) rehearsal rows by step s, so steps 2 and 4 have one, 1 and 3 none.
+    assert [rehearsal_total(0.1, 4, s) for s in range(5)] == [0, 0, 1, 1, 2]
+    moving = {"rehearsal_ratio": 0.1, "max_steps": 4, "warmup_steps": 0, "lr": 1e-2, "save_every": 100}  # KL > 0
+    every = train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "every", log_every=1, **moving), **QUIET)
+    kl = metrics("every")
+    assert kl[0] is None and kl[1] is None and kl[3] is None and every["step0_kl"] is None
+    assert kl[2] > 0 and kl[4] > 0
+    # Logged every 2 steps (the same training: lambda > 0 measures the KL at every step): each line is the one
+    # measured step of its window, not its mean with a 0.
+    train(cfg_for(tiny_model_dir, tiny_cache, tmp_path / "pairs", log_every=2, **moving), **QUIET)
+    pairs = metrics("pairs")
+    assert pairs[2] == pytest.approx(kl[2], rel=1e-5) and pairs[4] == pytest.approx(kl[4], rel=1e-5)
+
+
 def test_step0_kl_across_attention_implementations(tiny_model_dir, tmp_path):
     """A cache made with eager attention: a student with sdpa or eager starts at the teacher within the step-0
     tolerance (1e-4 per token). Measured in bf16: 3.2e-8 either way with CPU's fp32 weights; with bf16 weights (as on
