@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
 import importlib.util
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +24,10 @@ def _load(name: str):
     return module
 
 
-@pytest.mark.parametrize("name, folder", [("make_demo", "demo"), ("make_dates", "dates")])
+GENERATORS = [("make_demo", "demo"), ("make_dates", "dates"), ("make_tickets", "tickets")]
+
+
+@pytest.mark.parametrize("name, folder", GENERATORS)
 def test_generators_reproduce_the_shipped_files(name, folder):
     module = _load(name)
     train, evals = module.generate(0)
@@ -31,6 +36,14 @@ def test_generators_reproduce_the_shipped_files(name, folder):
         shipped = [json.loads(line) for line in (DATA / folder / f"{part}.jsonl").read_text("utf-8").splitlines()]
         assert rows == shipped
     assert not {r["input"] for r in train} & {r["input"] for r in evals}
+
+
+@pytest.mark.parametrize("name, folder", GENERATORS)
+def test_the_scripts_write_byte_identical_files(name, folder, tmp_path):
+    subprocess.run([sys.executable, str(DATA / f"{name}.py"), "--out-dir", str(tmp_path)], check=True,
+                   capture_output=True)
+    for part in ("task_train", "task_eval"):
+        assert (tmp_path / f"{part}.jsonl").read_bytes() == (DATA / folder / f"{part}.jsonl").read_bytes()
 
 
 # Hand-written: how each style writes Tuesday 5 March 2024 (Reiwa 6), per the conventions in make_dates.py.
@@ -62,3 +75,32 @@ def test_every_answer_is_an_iso_date_and_reiwa_years_are_right():
         day = datetime.date.fromisoformat(row["output"])
         if "令和" in row["input"]:
             assert f"令和{day.year - 2018}年{day.month}月{day.day}日" in row["input"]
+
+
+def test_ticket_rows_are_balanced_labels_named_in_the_instruction():
+    tickets = _load("make_tickets")
+    parts = {part: [json.loads(line) for line in (DATA / "tickets" / f"task_{part}.jsonl").read_text("utf-8")
+                    .splitlines()] for part in ("train", "eval")}
+    assert {part: len(rows) for part, rows in parts.items()} == {"train": 1200, "eval": 240}
+    assert len(tickets.LABELS) == 8
+    for part, rows in parts.items():
+        ids = [row["id"] for row in rows]
+        assert ids == [f"ticket-{part}-{i:05d}" for i in range(len(rows))]
+        for row in rows:
+            assert set(row) == {"id", "instruction", "input", "output"}
+            assert row["instruction"] == tickets.INSTRUCTION
+            assert row["output"] in tickets.LABELS  # exactly the label, nothing around it
+            assert tickets.MIN_WORDS <= len(row["input"].split()) <= tickets.MAX_WORDS
+        per_label = len(rows) // len(tickets.LABELS)
+        assert collections.Counter(row["output"] for row in rows) == dict.fromkeys(tickets.LABELS, per_label)
+        for start in range(0, len(rows), 8):  # any head of the file is balanced too
+            assert sorted(row["output"] for row in rows[start:start + 8]) == sorted(tickets.LABELS)
+    assert not {row["input"] for row in parts["train"]} & {row["input"] for row in parts["eval"]}
+    for label in tickets.LABELS:
+        assert label in tickets.INSTRUCTION
+
+
+def test_ticket_paraphrases_pick_one_alternative_each():
+    tickets = _load("make_tickets")
+    seen = {tickets.pick_alternatives(random.Random(i), "[a|b] x[ y|]") for i in range(50)}
+    assert seen == {"a x y", "a x", "b x y", "b x"}
