@@ -117,10 +117,11 @@ def main(ctx: click.Context) -> None:
     teacher (Learning without Forgetting) + rehearsal of general data.
 
     \b
-    Typical flow:
-      pipeline make-rehearsal --prompts general.jsonl --out rehearsal.jsonl   # only if you have no general data
-      pipeline cache-teacher --task-train task.jsonl --rehearsal-train rehearsal.jsonl --out cache/
-      pipeline train --cache cache/ --out run/ --kd-lambda 0.5
+    The whole job in one command (cache, train, evaluate against the base, report; rerun to resume):
+      pipeline run --task-train task.csv --out runs/my-task
+    The same, step by step:
+      pipeline cache-teacher --task-train task.csv --out cache/   # makes rehearsal data and a held-out part
+      pipeline train --cache cache/ --out run/
       pipeline evaluate --cache cache/ --adapter run/adapter
 
     \b
@@ -168,7 +169,7 @@ def train_cmd(config_file: str | None, **flags) -> None:
 
     \b
     Example:
-      pipeline train --cache runs/demo/cache --out runs/demo/lambda-0.5 --kd-lambda 0.5 --max-steps 100
+      pipeline train --cache runs/demo/cache --out runs/demo/lambda-2 --kd-lambda 2 --max-steps 100
     """
     from pipeline import distributed
     from pipeline.train import train
@@ -221,7 +222,7 @@ def sweep_cmd(config_file: str | None, **flags) -> None:
     \b
     Examples:
       pipeline sweep --cache runs/demo/cache --out runs/demo/sweep --lambdas 0,0.5,1 --max-steps 60
-      pipeline sweep --cache runs/demo/cache --out runs/rank --grid lora_r=4,8,16 --kd-lambda 0.5
+      pipeline sweep --cache runs/demo/cache --out runs/rank --grid lora_r=4,8,16
     """
     from dataclasses import fields as dc_fields
 
