@@ -13,7 +13,8 @@ on all linear layers, non-reentrant gradient checkpointing or none), fed the sam
                    ones), beta=0 (the generalised JSD is then the forward KL(teacher || student)), seq_kd=False,
                    temperature 1, teacher = a second copy of the frozen base in the same 4 bit; its loss is the KL
                    alone, over the full vocabulary, on every completion token: the closest TRL setting to this
-                   project's loss. (TRL's DistillationTrainer generates its completions on-policy: another method.)
+                   project's loss. (TRL 1.16's stable trl.DistillationTrainer has no lmbda: it trains only on
+                   completions the student generates itself, on-policy distillation, another method.)
     cached_kd      this project's step (train.forward_backward + optimizer_step): CE + 1.0 * KL against the cached
                    top-k targets (k+1 buckets), the KL on every response token (kd_on all, as GKD)
     online_kd      the same step with the targets recomputed at every step by the base with the adapter switched
@@ -289,15 +290,22 @@ def labelled_rows(batches: list[TrainBatch]) -> list[dict]:
 
 @contextlib.contextmanager
 def quiet_trl():
-    """TRL's and transformers' advice at construction (experimental API, deprecations) off the benchmark's output."""
+    """TRL's and transformers' advice at construction (experimental API, deprecations) and the progress bar of
+    SFTTrainer's dataset preparation off the benchmark's output."""
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         previous = logging.getLogger("trl").level
         logging.getLogger("trl").setLevel(logging.ERROR)
+        datasets.disable_progress_bars()
         try:
             yield
         finally:
             logging.getLogger("trl").setLevel(previous)
+            if bars_were_on:
+                datasets.enable_progress_bars()
 
 
 def seen_of_trl(inputs: dict) -> Seen:
