@@ -1,0 +1,121 @@
+"""Which setting the defaults study supports, from its own output files (benchmarks/defaults_study.sh).
+
+    .venv/bin/python benchmarks/defaults_summary.py runs/study      # reads runs/study/<task>/defaults/rows.json
+
+Prints markdown: per task, every run against plain QLoRA (task score +/- its error, full-vocabulary forgetting KL,
+the cut in that KL, and whether the score is within 2 points of plain QLoRA's); then, per setting, its worst case
+over the tasks, and the setting whose worst case is best ([robust choice note]).
+
+[robust choice note] A default must hold on a task nobody tuned it on, so the settings are ranked by their worst
+task, not their average: on each task a setting's figure is the cut in forgetting against plain QLoRA,
+1 - KL / KL_plain, when its task score is within 2 points of plain QLoRA's (TOLERANCE, the study's "equal task
+score"), and "misses" (ranked below any cut) when it is not; its worst case is the lowest of those over the tasks.
+A setting is one that every task ran under the same name: plain QLoRA, lambda 1, 2, 5, 10, and the stage-2 runs
+named by role (the second seed, batch 16 and the budget, each at the lambda that task's sweep recommended, are
+compared as roles, not as one fixed lambda). Every figure is read from the sweeps' files; none is recomputed from
+the cached targets training minimised.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.recommend import RunFigures, run_figures
+
+TOLERANCE = 0.02  # "equal task score": within 2 points of plain QLoRA's (the study's bar)
+PLAIN = "plain-qlora"
+MISS = float("-inf")  # a setting whose task score is not within TOLERANCE of plain QLoRA's on a task
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One setting on one task, against that task's plain QLoRA."""
+
+    run: RunFigures
+    cut: float  # 1 - KL / KL_plain; MISS when the task score is not within TOLERANCE of plain QLoRA's
+
+    @property
+    def equal_score(self) -> bool:
+        return self.cut != MISS
+
+
+def setting_of(name: str) -> str:
+    """The setting a run stands for across tasks: stage-2 runs by role ("lambda=2,seed=1" -> "recommended,seed=1";
+    "budget=0.0091" -> "budget"), stage-1 runs by their name."""
+    if name.startswith("budget="):
+        return "budget (lambda 1's forgetting, from lambda 1)"
+    head, sep, role = name.partition(",")
+    return f"recommended,{role}" if sep and head.startswith("lambda=") else name
+
+
+def outcomes(rows: list[dict]) -> dict[str, Outcome]:
+    """Each trained run's outcome against plain QLoRA in one task's rows, keyed by setting_of(name); runs without
+    figures (failed, or not evaluated) are left out. Raises KeyError when the task has no plain QLoRA run."""
+    runs = {r["name"]: run_figures(r) for r in rows if r["name"] != "base" and not r.get("failed")}
+    runs = {n: r for n, r in runs.items() if r.score is not None and r.kl is not None}
+    plain = runs[PLAIN]
+    out = {}
+    for name, r in runs.items():
+        equal = r.score >= plain.score - TOLERANCE - 1e-9
+        cut = (1 - r.kl / plain.kl if plain.kl > 0 else 0.0) if equal else MISS
+        out[setting_of(name)] = Outcome(r, cut)
+    return out
+
+
+def robust_choice(tasks: dict[str, dict[str, Outcome]]) -> tuple[str | None, dict[str, float]]:
+    """The setting (never plain QLoRA itself) whose worst case over the tasks is best ([robust choice note]), and
+    every such setting's worst case; only settings that ran on every task are ranked. (None, {}) when none is."""
+    common = set.intersection(*(set(t) for t in tasks.values())) - {PLAIN} if tasks else set()
+    worst = {s: min(t[s].cut for t in tasks.values()) for s in sorted(common)}
+    best = max(worst, key=lambda s: (worst[s], s), default=None)  # ties: the name, so the output is stable
+    return (best if best is not None and worst[best] != MISS else None), worst
+
+
+def _pct(cut: float) -> str:
+    return "misses" if cut == MISS else f"{100 * cut:.0f}%"
+
+
+def task_table(task: str, rows: list[dict], outs: dict[str, Outcome]) -> list[str]:
+    plain = outs[PLAIN].run
+    lines = [f"### {task}", "", f"plain QLoRA: {plain.score:.3f} +/- {plain.score_error:.3f}, forgetting KL "
+             f"{plain.kl:.4f}; equal task score: at least {plain.score - TOLERANCE:.3f}", "",
+             "| run | setting | task score +/- error | forgetting KL | cut vs plain QLoRA |", "|---|---|---|---|---|"]
+    for setting, o in outs.items():
+        lines.append(f"| {o.run.name} | {setting} | {o.run.score:.3f} +/- {o.run.score_error:.3f} | {o.run.kl:.4f} | "
+                     f"{_pct(o.cut)} |")
+    failed = [r["name"] for r in rows if r.get("failed")]
+    if failed:
+        lines.append(f"\nfailed: {', '.join(failed)}")
+    return [*lines, ""]
+
+
+def main(argv: list[str]) -> int:
+    root = Path(argv[1] if len(argv) > 1 else "runs/study")
+    dirs = [d for d in sorted(root.iterdir()) if (d / "defaults" / "rows.json").exists()] if root.exists() else []
+    if not dirs:
+        print(f"{root}: no task with a finished defaults sweep (<task>/defaults/rows.json); run "
+              "benchmarks/defaults_study.sh first", file=sys.stderr)
+        return 2
+    tasks, lines = {}, []
+    for d in dirs:
+        rows = json.loads((d / "defaults" / "rows.json").read_text())
+        try:
+            tasks[d.name] = outcomes(rows)
+        except KeyError:
+            lines += [f"### {d.name}", "", "(no plain-qlora run yet)", ""]
+            continue
+        lines += task_table(d.name, rows, tasks[d.name])
+    best, worst = robust_choice(tasks)
+    lines += [f"### Worst case over {len(tasks)} tasks ({', '.join(tasks)})", "",
+              "| setting | worst cut at equal task score |", "|---|---|"]
+    lines += [f"| {s} | {_pct(c)} |" for s, c in sorted(worst.items(), key=lambda x: -x[1])]
+    lines += ["", f"most robust: `{best}`" if best else "no setting kept plain QLoRA's task score on every task"]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
