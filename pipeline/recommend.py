@@ -124,6 +124,11 @@ def trained_runs(rows: list[dict]) -> list[RunFigures]:
     return [run_figures(r) for r in rows if r["name"] != "base" and not r.get("failed")]
 
 
+def one_run(rows: list[dict]) -> bool:
+    """The rows of one trained run that did not fail and the base: nothing to choose between (`pipeline run`)."""
+    return len(rows) == 2 and rows[0]["name"] == "base" and not rows[1].get("failed")
+
+
 def choose_rule(runs: list[RunFigures]) -> str:
     """"task_score" when every trained run has a task score, by the same score (equal scores included), else
     "task_ce" (see the module docstring)."""

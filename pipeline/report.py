@@ -19,6 +19,7 @@ from pipeline.recommend import (
     RunFigures,
     choose_rule,
     fmt_number,
+    one_run,
     run_figures,
     score_label,
     score_name,
@@ -91,8 +92,7 @@ def write_report(out: Path, rows: list[dict], rec: Recommendation | None, *, com
                "mean per-token KL(base || tuned) on held-out general prompts, over the cached top-k + 1 buckets (these "
                "reports predate the full-vocabulary figure: a lower bound)")
     name = rec.score_name if rec else rows_score_name(rows)
-    single = len(rows) == 2 and rows[0]["name"] == "base" and rec is not None and not rec.failed
-    opening = ("# Report\n\n" + single_run_text(rows, rec) if single else
+    opening = ("# Report\n\n" + single_run_text(rows, rec) if rec is not None and one_run(rows) else
                "# Sweep report\n\n" + recommendation_text(rec))
     text = (opening + "\n" + failures_text(rows) + report_table(rows)
             + "\n"

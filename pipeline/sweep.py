@@ -45,7 +45,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fileio import atomic_dir, atomic_write_json, read_json
 from pipeline.model_source import ModelSource, open_model_source
-from pipeline.recommend import Recommendation, nonfinite_figures, recommend, run_figures
+from pipeline.recommend import Recommendation, nonfinite_figures, one_run, recommend, run_figures
 from pipeline.report import plot_curves, plot_tradeoff, write_report
 from pipeline.run_dir import read_run_yaml, refuse_other_settings
 from pipeline.scoring import NONE, load_scorer
@@ -349,7 +349,7 @@ def write_outputs(out: Path, rows: list[dict], tolerance: float | None, *, comma
         atomic_write_json(out / "recommendation.json",
                           {**rec.to_json(), "adapter": str(out / "recommended" / "adapter"),
                            "run_adapter": str(out / rec.name / "adapter")})
-        if len(rows) > 2 or rec.failed:  # one run (and the base) leaves nothing to choose
+        if not one_run(rows):  # one run (and the base) leaves nothing to choose
             log(f"recommended: {rec.name}. {rec.reason}" + (f" {rec.fallback}" if rec.fallback else ""))
     else:  # nothing to recommend: no stale pick from an earlier sweep in this directory either
         (out / "recommendation.json").unlink(missing_ok=True)
