@@ -9,10 +9,11 @@
 # cache (the forgetting study's, reused when it exists) and one sweep (configs/defaults_study.yaml), every run at
 # the default length (480 task rows, so every run sees the same task exposure):
 #   1. plain QLoRA, and lambda 1 (the default), 2, 5 and 10 with the KL on the rehearsal examples;
-#   2. at the lambda the sweep recommends: a second seed; the same exposure in half the steps (batch 16: half as
-#      many optimiser updates, the lever the forgetting study pointed at, since forgetting grew with the number
-#      of steps); and a forgetting budget (--max-forgetting at the default run's held-out forgetting) started
-#      from the defaults, as a candidate default.
+#   2. at the lambda with the least forgetting among those within 2 points of plain QLoRA's task score (the
+#      study's bar; `defaults_summary.py stage2`): a second seed; the same exposure in half the steps (batch 16:
+#      half as many optimiser updates, the lever the forgetting study pointed at, since forgetting grew with the
+#      number of steps); and a forgetting budget (--max-forgetting at lambda 1's held-out forgetting) started
+#      from lambda 1, as a candidate default.
 # Stage 1 runs for every task before any stage 2, so that an interrupted study has the main comparison first.
 # Every step keeps what an earlier run finished: rerun the script to continue.
 set -euo pipefail
@@ -49,26 +50,7 @@ done
 
 for task in $TASKS; do
     T="$OUT/$task"
-    "$PY" - "$CONFIG" "$T/defaults" "$T/defaults-stage2.yaml" <<'PY'
-import json, sys, yaml
-config, sweep, out = sys.argv[1:]
-doc = yaml.safe_load(open(config))
-rows = {r["name"]: r for r in json.load(open(f"{sweep}/rows.json"))}
-pick = json.load(open(f"{sweep}/recommendation.json"))["name"]
-if pick == "plain-qlora":  # the question is which lambda: take the recommended one among the distilled runs
-    from pipeline.recommend import recommend
-    pick = recommend([r for n, r in rows.items() if n not in ("plain-qlora", "base")], 0.02).name
-best = yaml.safe_load(open(f"{sweep}/{pick}/run.yaml"))["config"]
-lam = best["kd_lambda"]
-kl = rows["lambda=1"]["eval"]["forgetting"]["kl"]
-doc["sweep"]["runs"] += [
-    {"name": f"{pick},seed=1", "kd_lambda": lam, "seed": 1},
-    {"name": f"{pick},batch=16", "kd_lambda": lam, "batch_size": 16},
-    {"name": f"budget={kl:.2g}", "kd_lambda": 1, "max_forgetting": float(f"{kl:.2g}")},
-]
-yaml.safe_dump(doc, open(out, "w"), sort_keys=False, allow_unicode=True)
-print(f"stage 2 at {pick}: a second seed, batch 16, and a forgetting budget of {kl:.2g} from lambda 1")
-PY
+    "$PY" benchmarks/defaults_summary.py stage2 "$CONFIG" "$T/defaults" "$T/defaults-stage2.yaml"
     "$P" sweep --config "$T/defaults-stage2.yaml" --cache "$T/cache" --out "$T/defaults" "${EXTRA[@]}"
 done
 

@@ -1,6 +1,7 @@
 """Which setting the defaults study supports, from its own output files (benchmarks/defaults_study.sh).
 
     .venv/bin/python benchmarks/defaults_summary.py runs/study      # reads runs/study/<task>/defaults/rows.json
+    .venv/bin/python benchmarks/defaults_summary.py stage2 CONFIG SWEEP_DIR OUT   # the study's second stage
 
 Prints markdown: per task, every run against plain QLoRA (task score +/- its error, full-vocabulary forgetting KL,
 the cut in that KL, and whether the score is within 2 points of plain QLoRA's); then, per setting, its worst case
@@ -74,6 +75,39 @@ def robust_choice(tasks: dict[str, dict[str, Outcome]]) -> tuple[str | None, dic
     return (best if best is not None and worst[best] != MISS else None), worst
 
 
+def finished_rows(sweep: Path, names: list[str]) -> list[dict]:
+    """Rows for the named runs of a sweep directory that have an evaluation, read from each run's eval.json (a
+    sweep still under way has no rows.json yet)."""
+    return [{"name": n, "eval": json.loads((sweep / n / "eval.json").read_text())}
+            for n in names if (sweep / n / "eval.json").exists()]
+
+
+def stage2_pick(rows: list[dict]) -> str:
+    """The run the second stage is built on: by the study's own bar, the distilled run with the least forgetting
+    among those within TOLERANCE of plain QLoRA's task score; "lambda=1" (the default) when none is, or when plain
+    QLoRA has no figures yet."""
+    outs = outcomes(rows) if any(r["name"] == PLAIN for r in rows) else {}
+    kept = [o.run for s, o in outs.items() if s != PLAIN and s.startswith("lambda=") and o.equal_score]
+    return min(kept, key=lambda r: (r.kl, r.name)).name if kept else "lambda=1"
+
+
+def stage2_config(doc: dict, sweep: Path) -> tuple[dict, str]:
+    """The study's second stage (benchmarks/defaults_study.sh): the stage-1 config `doc` with three runs added at
+    the picked lambda: a second seed, batch 16 (the same task exposure in half the optimiser steps) and a
+    forgetting budget at lambda 1's measured forgetting, started from lambda 1. Returns (config, one-line summary)."""
+    names = [r["name"] for r in doc["sweep"]["runs"]]
+    rows = finished_rows(sweep, names)
+    pick = stage2_pick(rows)
+    lam = next(r for r in doc["sweep"]["runs"] if r["name"] == pick)["kd_lambda"]
+    kl = run_figures(next(r for r in rows if r["name"] == "lambda=1")).kl
+    budget = float(f"{kl:.2g}")
+    doc = {**doc, "sweep": {**doc["sweep"], "runs": [*doc["sweep"]["runs"],
+           {"name": f"{pick},seed=1", "kd_lambda": lam, "seed": 1},
+           {"name": f"{pick},batch=16", "kd_lambda": lam, "batch_size": 16},
+           {"name": f"budget={budget:g}", "kd_lambda": 1, "max_forgetting": budget}]}}
+    return doc, f"stage 2 at {pick}: a second seed, batch 16, and a forgetting budget of {budget:g} from lambda 1"
+
+
 def _pct(cut: float) -> str:
     return "misses" if cut == MISS else f"{100 * cut:.0f}%"
 
@@ -93,6 +127,13 @@ def task_table(task: str, rows: list[dict], outs: dict[str, Outcome]) -> list[st
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) == 5 and argv[1] == "stage2":
+        import yaml
+        config, sweep, out = argv[2:]
+        doc, said = stage2_config(yaml.safe_load(Path(config).read_text()), Path(sweep))
+        Path(out).write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+        print(said)
+        return 0
     root = Path(argv[1] if len(argv) > 1 else "runs/study")
     dirs = [d for d in sorted(root.iterdir()) if (d / "defaults" / "rows.json").exists()] if root.exists() else []
     if not dirs:

@@ -70,3 +70,40 @@ def test_the_script_prints_each_task_and_the_choice(tmp_path):
     empty = subprocess.run([sys.executable, str(REPO / "benchmarks" / "defaults_summary.py"), str(tmp_path / "x")],
                            capture_output=True, text=True, cwd=REPO)
     assert empty.returncode == 2 and "run benchmarks/defaults_study.sh first" in empty.stderr
+
+
+def _sweep_dir(tmp_path: Path, rows: list[dict]) -> Path:
+    for row in rows:
+        (tmp_path / row["name"]).mkdir(parents=True)
+        (tmp_path / row["name"] / "eval.json").write_text(json.dumps(row["eval"]))
+    return tmp_path
+
+
+STAGE1 = {"train": {"batch_size": 8}, "sweep": {"runs": [
+    {"name": "plain-qlora", "kd_lambda": 0, "rehearsal_ratio": 0}, {"name": "lambda=1", "kd_lambda": 1},
+    {"name": "lambda=2", "kd_lambda": 2}, {"name": "lambda=5", "kd_lambda": 5},
+    {"name": "lambda=10", "kd_lambda": 10}]}}
+
+
+def test_stage_two_builds_on_the_least_forgetting_within_two_points_of_plain_qlora(tmp_path):
+    m = _module()
+    # plain 0.80; lambda=5 forgets least of the runs within 2 points (0.785 >= 0.78); lambda=10 forgets less but
+    # falls 4 points under; lambda=2 is the runner-up. Stage 1 is still under way: lambda=10 has no eval.json in
+    # the second directory, and the pick is made from the runs that have one.
+    rows = [_row("plain-qlora", 0.80, 0.4), _row("lambda=1", 0.80, 0.0123), _row("lambda=2", 0.79, 0.01),
+            _row("lambda=5", 0.785, 0.006), _row("lambda=10", 0.76, 0.002)]
+    assert m.stage2_pick(rows) == "lambda=5"
+    assert m.stage2_pick(rows[:3]) == "lambda=2"
+    assert m.stage2_pick([_row("plain-qlora", 0.80, 0.4), _row("lambda=1", 0.70, 0.01)]) == "lambda=1"  # none kept
+    assert m.stage2_pick([_row("lambda=2", 0.70, 0.01)]) == "lambda=1"  # no plain QLoRA yet: the default
+
+    doc, said = m.stage2_config(STAGE1, _sweep_dir(tmp_path, rows[:4]))
+    added = doc["sweep"]["runs"][5:]
+    assert added == [{"name": "lambda=5,seed=1", "kd_lambda": 5, "seed": 1},
+                     {"name": "lambda=5,batch=16", "kd_lambda": 5, "batch_size": 16},
+                     {"name": "budget=0.012", "kd_lambda": 1, "max_forgetting": 0.012}]
+    assert doc["sweep"]["runs"][:5] == STAGE1["sweep"]["runs"] and len(STAGE1["sweep"]["runs"]) == 5  # not mutated
+    assert said.startswith("stage 2 at lambda=5")
+    # The added runs name their role, so the summary compares them across tasks.
+    assert [m.setting_of(r["name"]) for r in added] == [
+        "recommended,seed=1", "recommended,batch=16", "budget (lambda 1's forgetting, from lambda 1)"]
