@@ -107,3 +107,29 @@ def test_stage_two_builds_on_the_least_forgetting_within_two_points_of_plain_qlo
     # The added runs name their role, so the summary compares them across tasks.
     assert [m.setting_of(r["name"]) for r in added] == [
         "recommended,seed=1", "recommended,batch=16", "budget (lambda 1's forgetting, from lambda 1)"]
+
+
+def test_when_no_setting_holds_on_every_task_the_closest_is_named(tmp_path):
+    m = _module()
+    # Task c: every distilled run falls more than 2 points under plain QLoRA's 0.60. Worst score gaps by hand
+    # (a, b from TASKS): lambda=1 min(0, -1, -5) = -5 (c); lambda=2 min(-1, -2, -7) = -7; lambda=10 -10; the
+    # second seed min(-2, -5, -6) = -6; the budget min(0, 0, -3) = -3 (c) -> the closest. lambda=5 scored on c only
+    # (it failed on b): not ranked.
+    c = [_row("base", 0.0, 0.0), _row("plain-qlora", 0.60, 0.8), _row("lambda=1", 0.55, 0.02),
+         _row("lambda=2", 0.53, 0.01), _row("lambda=10", 0.50, 0.003), _row("lambda=1,seed=1", 0.54, 0.02),
+         _row("budget=0.02", 0.57, 0.03), _row("lambda=5", 0.52, 0.005)]
+    outs = {task: m.outcomes(rows) for task, rows in {**TASKS, "c": c}.items()}
+    assert m.robust_choice(outs)[0] is None
+    setting, task, gap = m.closest(outs)
+    assert (setting, task) == ("budget (lambda 1's forgetting, from lambda 1)", "c") and gap == pytest.approx(-0.03)
+    assert outs["c"]["lambda=1"].gap == pytest.approx(-0.05)
+    for task, rows in {**TASKS, "c": c}.items():
+        (tmp_path / task / "defaults").mkdir(parents=True)
+        (tmp_path / task / "defaults" / "rows.json").write_text(json.dumps(rows))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "defaults_summary.py"), str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "| lambda=1 | misses | -5.0 points (c) |" in proc.stdout
+    assert "not ranked (not run on every task): lambda=5 (c)" in proc.stdout
+    assert ("no setting kept plain QLoRA's task score on every task; closest: `budget (lambda 1's forgetting, from "
+            "lambda 1)` (c: -3.0 points)") in proc.stdout
