@@ -68,11 +68,20 @@ def outcomes(rows: list[dict]) -> dict[str, Outcome]:
     return out
 
 
+def common_settings(tasks: dict[str, dict[str, Outcome]]) -> list[str]:
+    """The settings (never plain QLoRA itself) that every task ran, sorted."""
+    return sorted(set.intersection(*(set(t) for t in tasks.values())) - {PLAIN}) if tasks else []
+
+
+def worst_gaps(tasks: dict[str, dict[str, Outcome]]) -> dict[str, tuple[float, str]]:
+    """Each common setting's lowest task score against plain QLoRA's over the tasks: (score - plain, task)."""
+    return {s: min((t[s].gap, name) for name, t in tasks.items()) for s in common_settings(tasks)}
+
+
 def robust_choice(tasks: dict[str, dict[str, Outcome]]) -> tuple[str | None, dict[str, float]]:
     """The setting (never plain QLoRA itself) whose worst case over the tasks is best ([robust choice note]), and
     every such setting's worst case; only settings that ran on every task are ranked. (None, {}) when none is."""
-    common = set.intersection(*(set(t) for t in tasks.values())) - {PLAIN} if tasks else set()
-    worst = {s: min(t[s].cut for t in tasks.values()) for s in sorted(common)}
+    worst = {s: min(t[s].cut for t in tasks.values()) for s in common_settings(tasks)}
     best = max(worst, key=lambda s: (worst[s], s), default=None)  # ties: the name, so the output is stable
     return (best if best is not None and worst[best] != MISS else None), worst
 
@@ -89,7 +98,7 @@ def stage2_pick(rows: list[dict]) -> str:
     among those within TOLERANCE of plain QLoRA's task score; "lambda=1" (the default) when none is, or when plain
     QLoRA has no figures yet."""
     outs = outcomes(rows) if any(r["name"] == PLAIN for r in rows) else {}
-    kept = [o.run for s, o in outs.items() if s != PLAIN and s.startswith("lambda=") and o.equal_score]
+    kept = [o.run for s, o in outs.items() if s.startswith("lambda=") and o.equal_score]
     return min(kept, key=lambda r: (r.kl, r.name)).name if kept else "lambda=1"
 
 
@@ -113,8 +122,7 @@ def stage2_config(doc: dict, sweep: Path) -> tuple[dict, str]:
 def closest(tasks: dict[str, dict[str, Outcome]]) -> tuple[str, str, float] | None:
     """When no setting holds on every task: the one that came closest, i.e. whose task score falls least under
     plain QLoRA's on its worst task, as (setting, that task, score - plain score); None without a common setting."""
-    common = set.intersection(*(set(t) for t in tasks.values())) - {PLAIN} if tasks else set()
-    worst = {s: min((t[s].gap, name) for name, t in tasks.items()) for s in sorted(common)}
+    worst = worst_gaps(tasks)
     if not worst:
         return None
     best = max(worst, key=lambda s: (worst[s][0], s))
@@ -163,7 +171,7 @@ def main(argv: list[str]) -> int:
             continue
         lines += task_table(d.name, rows, tasks[d.name])
     best, worst = robust_choice(tasks)
-    gaps = {s: min((t[s].gap, name) for name, t in tasks.items()) for s in worst}
+    gaps = worst_gaps(tasks)
     lines += [f"### Worst case over {len(tasks)} tasks ({', '.join(tasks)})", "",
               "| setting | worst cut at equal task score | lowest task score vs plain QLoRA |", "|---|---|---|"]
     lines += [f"| {s} | {_pct(c)} | {100 * gaps[s][0]:+.1f} points ({gaps[s][1]}) |"
